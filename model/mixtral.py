@@ -1,0 +1,127 @@
+"""The decoder: Mixtral 8x7B, and dense Mistral / Llama checkpoints as the same code without a router.
+
+The forward runs on a flat batch of tokens from many sequences (see `model.batch`) and reads and
+writes a paged KV cache `[L, 2, N, B, K, Dh]`. It makes no host sync on the decode path except
+in the torch MoE, which reads expert counts (the fused kernel path does not).
+
+Shape legend: T tokens, D hidden size, H query heads, K kv heads, Dh head dim, V vocab size,
+L layers, N cache blocks, B block size, S sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.batch import AttentionMetadata
+from model.config import ModelConfig
+from model.layers import RMSNorm, RotaryEmbedding
+from model.moe import FeedForward
+from model.paged_attention import paged_attention, write_kv
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with fused q/k/v projection over the paged cache."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        q_size = config.num_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, D]
+        rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,  # [2, N, B, K, Dh]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, Dh]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, Dh]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, Dh]
+        q, k = rotary(meta.positions, q, k)
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = paged_attention(q, kv_cache, meta, self.scale)  # [T, H, Dh]
+        return self.o_proj(out.view(num_tokens, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        moe = config.moe
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn = FeedForward(
+            config.hidden_size,
+            config.intermediate_size,
+            num_experts=moe.num_experts if moe else 1,
+            top_k=moe.top_k if moe else 1,
+        )
+
+    def forward(
+        self, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:  # [T, D] -> [T, D]
+        x = x + self.attn(self.input_norm(x), rotary, kv_cache, meta)
+        return x + self.ffn(self.post_attn_norm(x))
+
+
+class MixtralModel(nn.Module):
+    """Token ids of a flat batch in, final hidden states out; `compute_logits` for the rows needed."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the checkpoint ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        kv_caches: torch.Tensor,  # [L, 2, N, B, K, Dh]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, D]
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, self.rotary, kv_cache, meta)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, D] -> [S, V] fp32
+        return self.lm_head(hidden).float()
+
+
+def allocate_kv_cache(
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """The paged KV pool `[L, 2, N, B, K, Dh]`, uninitialised (every slot is written before it is read)."""
+    shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one token takes across all layers (128 KiB for Mixtral 8x7B in bf16)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize

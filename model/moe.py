@@ -1,0 +1,118 @@
+"""Feed-forward blocks: Mixtral's sparse MoE and the dense SwiGLU FFN, one module for both.
+
+Experts are stored stacked: `w13 [E, 2F, D]` (gate rows first, then up, as vLLM and
+transformers 5.x fuse them) and `w2 [E, D, F]`. A dense FFN is the same block with E = 1 and no
+router, so a dense checkpoint and an upcycled MoE share every code path but routing.
+
+Dispatch follows the contract of vLLM's `moe_align_block_size`: token-expert pairs sorted by
+expert, each expert's group padded to a tile size, one expert per tile. `align_to_experts`
+builds it on the device without a host sync (fixed shapes, sized for the worst case), which is
+what a fused grouped-GEMM kernel consumes. The torch path (`grouped_swiglu`) reads the expert
+counts on the host (a sync the CPU path may make) and runs one GEMM per non-empty expert segment.
+
+Shape legend: T tokens, A active experts per token (top-k), P = T * A token-expert pairs,
+E experts, D hidden size, F expert FFN size, C padded pair capacity, Nt tiles = C / tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    topk_ids: torch.Tensor  # [T, A] int64, chosen experts
+    topk_weights: torch.Tensor  # [T, A] fp32, renormalised to sum to 1 per token
+
+
+@dataclass(frozen=True, slots=True)
+class MoEDispatch:
+    """Token-expert pairs grouped by expert, each group padded to a multiple of `tile_size`."""
+
+    sorted_pair_ids: torch.Tensor  # [C] int64, index into the P flattened pairs; P marks padding
+    tile_expert_ids: torch.Tensor  # [Nt] int64, expert of each tile (clamped past num_padded)
+    num_padded: torch.Tensor  # [1] int64, used entries of sorted_pair_ids (padding included)
+    expert_counts: torch.Tensor  # [E] int64, pairs routed to each expert
+    tile_size: int
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> Routing:
+    """Mixtral's rule: softmax over all experts (fp32), keep the top-k, renormalise them."""
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, A]
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(topk_ids=ids, topk_weights=weights)
+
+
+def align_to_experts(topk_ids: torch.Tensor, num_experts: int, tile_size: int) -> MoEDispatch:
+    """Sort token-expert pairs by expert and pad each group to `tile_size`, with no host sync."""
+    flat = topk_ids.flatten()  # [P]
+    num_pairs = flat.numel()
+    device = flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]
+    padded = (counts + tile_size - 1) // tile_size * tile_size  # [E]
+    padded_end = torch.cumsum(padded, 0)  # [E]
+    padded_start = padded_end - padded  # [E]
+    start = torch.cumsum(counts, 0) - counts  # [E], unpadded group starts
+    order = torch.argsort(flat, stable=True)  # [P], pair ids grouped by expert
+    expert_of = flat[order]  # [P]
+    rank = torch.arange(num_pairs, device=device) - start[expert_of]  # [P], rank inside its group
+    worst = num_pairs + num_experts * (tile_size - 1)
+    capacity = (worst + tile_size - 1) // tile_size * tile_size
+    sorted_pair_ids = torch.full((capacity,), num_pairs, dtype=torch.int64, device=device)  # [C]
+    sorted_pair_ids[padded_start[expert_of] + rank] = order
+    tile_starts = torch.arange(0, capacity, tile_size, device=device)  # [Nt]
+    tile_expert_ids = torch.searchsorted(padded_end, tile_starts, right=True).clamp_(max=num_experts - 1)
+    return MoEDispatch(sorted_pair_ids, tile_expert_ids, padded_end[-1:], counts, tile_size)
+
+
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU FFN: x [n, D], w13 [2F, D] (gate; up), w2 [D, F] -> [n, D]."""
+    gate_up = F.linear(x, w13)  # [n, 2F]
+    gate, up = gate_up.chunk(2, dim=-1)  # [n, F] each
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def grouped_swiglu(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Torch-path MoE: one GEMM per expert segment, weighted scatter-add back to tokens.
+
+    x [T, D], w13 [E, 2F, D], w2 [E, D, F] -> [T, D].
+    """
+    num_tokens, top_k = routing.topk_ids.shape
+    dispatch = align_to_experts(routing.topk_ids, w13.shape[0], tile_size=1)
+    num_pairs = num_tokens * top_k
+    pair_ids = dispatch.sorted_pair_ids[:num_pairs]  # [P], tile 1 means no padding
+    token_ids = pair_ids // top_k  # [P]
+    xs = x.index_select(0, token_ids)  # [P, D]
+    ys = torch.empty_like(xs)  # [P, D]
+    start = 0
+    for expert, count in enumerate(dispatch.expert_counts.tolist()):  # host sync: torch path only
+        if count:
+            ys[start : start + count] = swiglu(xs[start : start + count], w13[expert], w2[expert])
+            start += count
+    pair_weights = routing.topk_weights.flatten().index_select(0, pair_ids)  # [P] fp32
+    ys = (ys * pair_weights[:, None]).to(x.dtype)  # [P, D]
+    return torch.zeros_like(x).index_add_(0, token_ids, ys)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU experts `[E, ...]` with a router when E > 1 (Mixtral), without one when dense."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int = 1, top_k: int = 1) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False) if num_experts > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
+        if self.gate is None:
+            return swiglu(x, self.w13[0], self.w2[0])
+        routing = route(self.gate(x), self.top_k)
+        return grouped_swiglu(x, routing, self.w13, self.w2)
