@@ -1,0 +1,45 @@
+"""Shared fixtures: a Mixtral-layout directory with mistral-common's v1 tokenizer, and its oracles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mistral_common
+import pytest
+import sentencepiece
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from tokenization import PromptEncoder, load_prompt_encoder
+
+MISTRAL_DATA = Path(mistral_common.__file__).parent / "data"
+V1_MODEL = MISTRAL_DATA / "tokenizer.model.v1"
+
+
+def make_mixtral_dir(root: Path) -> Path:
+    """An HF-layout Mixtral directory: a plain tokenizer.model (v1) and config.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(V1_MODEL, root / "tokenizer.model")
+    (root / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mixtral_dir(tmp_path_factory.mktemp("mixtral"))
+
+
+@pytest.fixture(scope="session")
+def mixtral_encoder(mixtral_dir: Path) -> PromptEncoder:
+    return load_prompt_encoder(mixtral_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_v1() -> MistralTokenizer:
+    return MistralTokenizer.v1()
+
+
+@pytest.fixture(scope="session")
+def spm() -> sentencepiece.SentencePieceProcessor:
+    return sentencepiece.SentencePieceProcessor(model_file=str(V1_MODEL))
