@@ -122,7 +122,9 @@ def _hf_layer(cfg: ModelConfig, i: int, layout: Layout) -> dict[str, Placement]:
     out[f"{src}.post_attention_layernorm.weight"] = Placement(f"{ours}.post_attn_norm.weight")
     ffn = f"{ours}.ffn"
     if cfg.moe is None:
-        return out | _experts(cfg, ffn, f"{src}.mlp", ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+        return out | _experts(
+            cfg, ffn, f"{src}.mlp", ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+        )
     if layout is Layout.HF_FUSED:
         out[f"{src}.mlp.gate.weight"] = Placement(f"{ffn}.gate.weight")
         out[f"{src}.mlp.experts.gate_up_proj"] = Placement(f"{ffn}.w13")

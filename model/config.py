@@ -192,7 +192,9 @@ def config_from_consolidated(raw: dict[str, Any], max_model_len: int | None = No
     src = "params.json"
     dim = int(_require(raw, "dim", src))
     heads = int(_require(raw, "n_heads", src))
-    context = int(raw.get("max_seq_len") or raw.get("max_position_embeddings") or _CONSOLIDATED_DEFAULT_CONTEXT)
+    context = int(
+        raw.get("max_seq_len") or raw.get("max_position_embeddings") or _CONSOLIDATED_DEFAULT_CONTEXT
+    )
     _check_sliding_window(raw.get("sliding_window"), max_model_len or context, src)
     if raw.get("rope_scaling") or raw.get("yarn"):
         raise UnsupportedConfigError(f"{src}: rope scaling is not implemented")

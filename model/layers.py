@@ -46,7 +46,8 @@ class RotaryEmbedding(nn.Module):
         """Fill the [P, 2, Dh] cos/sin table on the buffer's device, in fp32."""
         device = self.cos_sin.device
         inv_freq = 1.0 / (
-            self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
+            self.theta
+            ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
         )  # [Dh/2]
         pos = torch.arange(self.max_positions, dtype=torch.float32, device=device)  # [P]
         freqs = torch.outer(pos, inv_freq)  # [P, Dh/2]

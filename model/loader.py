@@ -107,7 +107,9 @@ def check_names(expected: dict[str, Placement], present: set[str], optional: set
     for label, names in (("missing", missing), ("unexpected", unexpected)):
         if names:
             shown = ", ".join(names[:_MAX_NAMES_IN_ERROR])
-            more = f" (and {len(names) - _MAX_NAMES_IN_ERROR} more)" if len(names) > _MAX_NAMES_IN_ERROR else ""
+            more = (
+                f" (and {len(names) - _MAX_NAMES_IN_ERROR} more)" if len(names) > _MAX_NAMES_IN_ERROR else ""
+            )
             parts.append(f"{len(names)} {label} tensor(s): {shown}{more}")
     raise CheckpointError("checkpoint does not match its config: " + "; ".join(parts))
 
@@ -146,7 +148,9 @@ def _resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torc
     return getattr(torch, normalize_dtype_name(dtype or config.checkpoint_dtype))
 
 
-def _fill(model: MixtralModel, reader: TensorReader, expected: dict[str, Placement], progress: ProgressFn | None) -> None:
+def _fill(
+    model: MixtralModel, reader: TensorReader, expected: dict[str, Placement], progress: ProgressFn | None
+) -> None:
     params = dict(model.named_parameters())
     filled = dict.fromkeys(params, 0)
     total = sum(p.numel() * p.element_size() for p in params.values())
@@ -158,7 +162,8 @@ def _fill(model: MixtralModel, reader: TensorReader, expected: dict[str, Placeme
             src = place.transform(src)
         if src.shape != dest.shape:
             raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)} for {place.param}"
+                f"tensor {name!r} has shape {tuple(src.shape)}, "
+                f"expected {tuple(dest.shape)} for {place.param}"
             )
         with torch.no_grad():
             dest.copy_(src)

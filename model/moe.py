@@ -7,8 +7,9 @@ router, so a dense checkpoint and an upcycled MoE share every code path but rout
 Dispatch follows the contract of vLLM's `moe_align_block_size`: token-expert pairs sorted by
 expert, each expert's group padded to a tile size, one expert per tile. `align_to_experts`
 builds it on the device without a host sync (fixed shapes, sized for the worst case), which is
-what a fused grouped-GEMM kernel consumes. The torch path (`grouped_swiglu`) reads the expert
-counts on the host (a sync the CPU path may make) and runs one GEMM per non-empty expert segment.
+what a fused grouped-GEMM kernel consumes. The torch path (`grouped_swiglu`) needs no padding:
+it sorts the pairs (`sort_pairs_by_expert`, the first half of the same computation), reads the
+expert counts on the host (a sync the CPU path may make) and runs one GEMM per non-empty segment.
 
 Shape legend: T tokens, A active experts per token (top-k), P = T * A token-expert pairs,
 E experts, D hidden size, F expert FFN size, C padded pair capacity, Nt tiles = C / tile.
@@ -48,18 +49,24 @@ def route(router_logits: torch.Tensor, top_k: int) -> Routing:
     return Routing(topk_ids=ids, topk_weights=weights)
 
 
+def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-expert pair ids [P] grouped by expert (stable), and pairs per expert [E]; no host sync."""
+    flat = topk_ids.flatten()  # [P]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]
+    return torch.argsort(flat, stable=True), counts
+
+
 def align_to_experts(topk_ids: torch.Tensor, num_experts: int, tile_size: int) -> MoEDispatch:
     """Sort token-expert pairs by expert and pad each group to `tile_size`, with no host sync."""
     flat = topk_ids.flatten()  # [P]
     num_pairs = flat.numel()
     device = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]
+    order, counts = sort_pairs_by_expert(topk_ids, num_experts)  # [P], [E]
     padded = (counts + tile_size - 1) // tile_size * tile_size  # [E]
     padded_end = torch.cumsum(padded, 0)  # [E]
     padded_start = padded_end - padded  # [E]
     start = torch.cumsum(counts, 0) - counts  # [E], unpadded group starts
-    order = torch.argsort(flat, stable=True)  # [P], pair ids grouped by expert
     expert_of = flat[order]  # [P]
     rank = torch.arange(num_pairs, device=device) - start[expert_of]  # [P], rank inside its group
     worst = num_pairs + num_experts * (tile_size - 1)
@@ -83,15 +90,13 @@ def grouped_swiglu(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: tor
 
     x [T, D], w13 [E, 2F, D], w2 [E, D, F] -> [T, D].
     """
-    num_tokens, top_k = routing.topk_ids.shape
-    dispatch = align_to_experts(routing.topk_ids, w13.shape[0], tile_size=1)
-    num_pairs = num_tokens * top_k
-    pair_ids = dispatch.sorted_pair_ids[:num_pairs]  # [P], tile 1 means no padding
+    top_k = routing.topk_ids.shape[1]
+    pair_ids, counts = sort_pairs_by_expert(routing.topk_ids, w13.shape[0])  # [P], [E]
     token_ids = pair_ids // top_k  # [P]
     xs = x.index_select(0, token_ids)  # [P, D]
     ys = torch.empty_like(xs)  # [P, D]
     start = 0
-    for expert, count in enumerate(dispatch.expert_counts.tolist()):  # host sync: torch path only
+    for expert, count in enumerate(counts.tolist()):  # host sync: torch path only
         if count:
             ys[start : start + count] = swiglu(xs[start : start + count], w13[expert], w2[expert])
             start += count

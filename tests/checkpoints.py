@@ -78,7 +78,9 @@ def published_mixtral_keys(num_layers: int, num_experts: int) -> set[str]:
         keys |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
         keys |= {f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"}
         keys.add(f"{p}.block_sparse_moe.gate.weight")
-        keys |= {f"{p}.block_sparse_moe.experts.{e}.w{w}.weight" for e in range(num_experts) for w in (1, 2, 3)}
+        keys |= {
+            f"{p}.block_sparse_moe.experts.{e}.w{w}.weight" for e in range(num_experts) for w in (1, 2, 3)
+        }
     return keys
 
 
@@ -111,9 +113,10 @@ def hf_dense(kind: str, shape: TinyShape, seed: int = 0, tie: bool = False):
     """A random transformers MistralForCausalLM or LlamaForCausalLM in fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[
-        kind
-    ]
+    config_cls, model_cls = {
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+    }[kind]
     cfg = config_cls(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
@@ -167,8 +170,12 @@ def consolidated_state(model, shape: TinyShape, stacked: bool) -> dict[str, torc
     }
     for i in range(shape.num_layers):
         p, c = f"model.layers.{i}", f"layers.{i}"
-        out[f"{c}.attention.wq.weight"] = half_to_interleaved(sd[f"{p}.self_attn.q_proj.weight"], shape.num_heads)
-        out[f"{c}.attention.wk.weight"] = half_to_interleaved(sd[f"{p}.self_attn.k_proj.weight"], shape.num_kv_heads)
+        out[f"{c}.attention.wq.weight"] = half_to_interleaved(
+            sd[f"{p}.self_attn.q_proj.weight"], shape.num_heads
+        )
+        out[f"{c}.attention.wk.weight"] = half_to_interleaved(
+            sd[f"{p}.self_attn.k_proj.weight"], shape.num_kv_heads
+        )
         out[f"{c}.attention.wv.weight"] = sd[f"{p}.self_attn.v_proj.weight"]
         out[f"{c}.attention.wo.weight"] = sd[f"{p}.self_attn.o_proj.weight"]
         out[f"{c}.attention_norm.weight"] = sd[f"{p}.input_layernorm.weight"]

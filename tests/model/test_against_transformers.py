@@ -51,7 +51,11 @@ def test_greedy_32_tokens_through_paged_cache_match_transformers(oracle, hf_dir)
     for prompt, toks in zip(PROMPTS, ours, strict=True):
         with torch.no_grad():
             ref = oracle.generate(
-                torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32, eos_token_id=None
+                torch.tensor([prompt]),
+                max_new_tokens=32,
+                do_sample=False,
+                min_new_tokens=32,
+                eos_token_id=None,
             )[0, len(prompt) :]
         assert toks == ref.tolist()
 

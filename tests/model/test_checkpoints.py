@@ -22,8 +22,8 @@ from tests.checkpoints import (
     write_hf_fused,
 )
 from tests.model.conftest import SHAPE
-from tests.model.test_against_transformers import PROMPTS, oracle_logits
 from tests.model.paged import PagedHarness
+from tests.model.test_against_transformers import PROMPTS, oracle_logits
 
 
 def prefill(model, prompts=PROMPTS):
@@ -82,7 +82,9 @@ def reference_forward(sd: dict, params: dict, tokens: list[int]) -> torch.Tensor
         o = torch.einsum("hqk,khd->qhd", att.softmax(-1), v).reshape(n, h * dh)
         x = x + o @ sd[f"{p}.attention.wo.weight"].T
         y = _rms(x, sd[f"{p}.ffn_norm.weight"])
-        top_logits, chosen = torch.topk(y @ sd[f"{p}.feed_forward.gate.weight"].T, params["moe"]["num_experts_per_tok"])
+        top_logits, chosen = torch.topk(
+            y @ sd[f"{p}.feed_forward.gate.weight"].T, params["moe"]["num_experts_per_tok"]
+        )
         weights = top_logits.softmax(-1)  # softmax over the chosen logits: mistral-inference's form
         out = torch.zeros_like(x)
         for e in range(params["moe"]["num_experts"]):
@@ -99,7 +101,9 @@ def test_rotary_convention_against_complex_reference(oracle, tmp_path):
     sd = load_file(str(path / "consolidated.safetensors"))
     ours = prefill(load_model(path, dtype="float32"))
     for prompt, got in zip(PROMPTS, ours, strict=True):
-        torch.testing.assert_close(got, reference_forward(sd, consolidated_params(SHAPE), prompt), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            got, reference_forward(sd, consolidated_params(SHAPE), prompt), atol=1e-4, rtol=0
+        )
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,9 @@ def reference_moe(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torc
 
 def weights(num_experts=E, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(num_experts, 2 * FF, D, generator=g) * 0.2, torch.randn(num_experts, D, FF, generator=g) * 0.2
+    return torch.randn(num_experts, 2 * FF, D, generator=g) * 0.2, torch.randn(
+        num_experts, D, FF, generator=g
+    ) * 0.2
 
 
 def routing_from(ids: torch.Tensor, seed=0) -> Routing:
@@ -48,7 +50,9 @@ def test_all_tokens_on_one_expert_and_empty_experts():
     num_tokens = 37
     x = torch.randn(num_tokens, D)
     w13, w2 = weights()
-    ids = torch.stack([torch.full((num_tokens,), 5), torch.full((num_tokens,), 2)], dim=1)  # experts 0,1,3,4,6,7 idle
+    ids = torch.stack(
+        [torch.full((num_tokens,), 5), torch.full((num_tokens,), 2)], dim=1
+    )  # experts 0,1,3,4,6,7 idle
     routing = routing_from(ids)
     torch.testing.assert_close(grouped_swiglu(x, routing, w13, w2), reference_moe(x, routing, w13, w2))
     ids = torch.full((num_tokens, 1), 7)  # top-1, everything on the last expert
