@@ -1,0 +1,34 @@
+"""Engine configuration: parsed once, validated here, frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_model_len: int  # prompt + output tokens of one sequence
+    num_kv_blocks: int  # size of the paged KV pool
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 2048  # tokens in one step (the chunked-prefill budget)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_model_len",
+            "num_kv_blocks",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size
