@@ -43,3 +43,22 @@ def reference_v1() -> MistralTokenizer:
 @pytest.fixture(scope="session")
 def spm() -> sentencepiece.SentencePieceProcessor:
     return sentencepiece.SentencePieceProcessor(model_file=str(V1_MODEL))
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tokenization.tiny_hf import SMOLLM2_TEMPLATE, save_checkpoint_tokenizer, train_tokenizer
+
+    special = {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    return save_checkpoint_tokenizer(
+        train_tokenizer(), tmp_path_factory.mktemp("smol"), SMOLLM2_TEMPLATE, **special
+    )
+
+
+@pytest.fixture(scope="session")
+def mixtral_template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tokenization.tiny_hf import MIXTRAL_TEMPLATE, save_checkpoint_tokenizer, train_tokenizer
+
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<|endoftext|>"}
+    out = tmp_path_factory.mktemp("mixtral_template")
+    return save_checkpoint_tokenizer(train_tokenizer(), out, MIXTRAL_TEMPLATE, **special)

@@ -1,0 +1,181 @@
+"""Prompt encoding for non-Mistral checkpoints: HF `tokenizers` plus the checkpoint's Jinja chat template.
+
+The rendered prompt is encoded without added special tokens (the template writes them), matching
+`AutoTokenizer.apply_chat_template(..., tokenize=True)`. Consecutive same-role messages are merged
+first, with mistral-common's rule, so a conversation means the same thing on both encoders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from tokenization.chat_template import ChatTemplate
+from tokenization.errors import TokenizerNotFoundError
+from tokenization.messages import ChatMessage, merge_consecutive
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_JSON = "generation_config.json"
+# Special tokens transformers exposes to templates (its `special_tokens_map`).
+TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# End-of-turn tokens of common template families; one counts as a stop token when the template uses it.
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|END_OF_TURN_TOKEN|>",
+)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object from `path`, or return {} when the file does not exist."""
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as handle:
+        data = json.load(handle)
+    return data if isinstance(data, dict) else {}
+
+
+def load_template_source(model_dir: Path, tokenizer_config: dict[str, Any]) -> str:
+    """Find the chat template: `chat_template.jinja` (transformers 5) or `tokenizer_config.json`."""
+    template_file = model_dir / CHAT_TEMPLATE_FILE
+    if template_file.is_file():
+        return template_file.read_text(encoding="utf-8")
+    source = tokenizer_config.get("chat_template")
+    if isinstance(source, list):
+        # Several named templates: the chat one is called "default".
+        source = next((item.get("template") for item in source if item.get("name") == "default"), None)
+    if not isinstance(source, str):
+        raise TokenizerNotFoundError(
+            f"{model_dir} has no chat template ({CHAT_TEMPLATE_FILE} or tokenizer_config)"
+        )
+    return source
+
+
+def special_token_strings(tokenizer_config: dict[str, Any]) -> dict[str, str]:
+    """The template variables `bos_token`, `eos_token`, ... as strings (older configs store objects)."""
+    tokens: dict[str, str] = {}
+    for key in TEMPLATE_TOKEN_KEYS:
+        value = tokenizer_config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[key] = value
+    return tokens
+
+
+def _generation_eos_ids(generation_config: dict[str, Any]) -> list[int]:
+    value = generation_config.get("eos_token_id")
+    values = value if isinstance(value, list) else [value]
+    return [item for item in values if isinstance(item, int)]
+
+
+def _stop_token_ids(
+    tokenizer: Tokenizer, eos_id: int, template: str, generation_eos: list[int]
+) -> tuple[int, ...]:
+    ids = [eos_id, *generation_eos]
+    for token in END_OF_TURN_TOKENS:
+        token_id = tokenizer.token_to_id(token)
+        if token in template and token_id is not None:
+            ids.append(token_id)
+    return tuple(dict.fromkeys(ids))
+
+
+def _template_message(message: ChatMessage) -> dict[str, str]:
+    data = {"role": message.role, "content": message.content}
+    if message.name is not None:
+        data["name"] = message.name
+    if message.tool_call_id is not None:
+        data["tool_call_id"] = message.tool_call_id
+    return data
+
+
+class HFPromptEncoder:
+    """`PromptEncoder` backed by a `tokenizers.Tokenizer` and a Jinja chat template."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        bos_id: int | None,
+        eos_id: int,
+        stop_ids: tuple[int, ...],
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._template = template
+        self._bos_id = bos_id
+        self._eos_id = eos_id
+        self._stop_ids = stop_ids
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> HFPromptEncoder:
+        """Load `tokenizer.json`, `tokenizer_config.json`, the chat template and `generation_config.json`."""
+        tokenizer_file = model_dir / TOKENIZER_JSON
+        if not tokenizer_file.is_file():
+            raise TokenizerNotFoundError(f"{model_dir} has no {TOKENIZER_JSON}")
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        config = read_json(model_dir / TOKENIZER_CONFIG_JSON)
+        source = load_template_source(model_dir, config)
+        tokens = special_token_strings(config)
+        generation_eos = _generation_eos_ids(read_json(model_dir / GENERATION_CONFIG_JSON))
+        eos_id = tokenizer.token_to_id(tokens["eos_token"]) if "eos_token" in tokens else None
+        eos_id = eos_id if eos_id is not None else next(iter(generation_eos), None)
+        if eos_id is None:
+            raise TokenizerNotFoundError(
+                f"{model_dir} names no EOS token in tokenizer_config or generation_config"
+            )
+        bos_id = tokenizer.token_to_id(tokens["bos_token"]) if "bos_token" in tokens else None
+        stop_ids = _stop_token_ids(tokenizer, eos_id, source, generation_eos)
+        return cls(tokenizer, ChatTemplate(source, tokens), bos_id, eos_id, stop_ids)
+
+    @property
+    def bos_id(self) -> int | None:
+        """Beginning-of-sequence token id, or None when the tokenizer has none."""
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-sequence token id."""
+        return self._eos_id
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """EOS, generation_config's EOS ids and the template's end-of-turn token."""
+        return self._stop_ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def supports_tools(self) -> bool:
+        """Tool calling is not wired through templates yet."""
+        return False
+
+    def render(self, messages: list[ChatMessage]) -> str:
+        """Render the prompt text: generation prompt, or the final `prefix` message left open."""
+        merged = merge_consecutive(messages)
+        return self._template.render(
+            [_template_message(m) for m in merged], continue_final_message=merged[-1].prefix
+        )
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        """Render the conversation and encode it without adding special tokens."""
+        return self._tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+
+    def encode_text(self, text: str, bos: bool) -> list[int]:
+        """Encode plain text without the tokenizer's post-processor, optionally after BOS."""
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return [self._bos_id, *ids] if bos and self._bos_id is not None else ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Decode ids, skipping special tokens."""
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
