@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from tokenization.chat_template import ChatTemplate
 from tokenization.errors import TokenizerNotFoundError
 from tokenization.messages import ChatMessage, merge_consecutive
+from tokenization.prompt_encoder import METASPACE, metaspace_piece_bytes
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
@@ -88,6 +89,55 @@ def _stop_token_ids(
     return tuple(dict.fromkeys(ids))
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte's printable stand-in character (space is `Ġ`)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    table = {byte: chr(byte) for byte in printable}
+    shift = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + shift)
+            shift += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def _byte_level_piece_bytes(piece: str) -> bytes:
+    # A character outside the alphabet (a token added to the model vocabulary) stands for itself.
+    to_byte = _UNICODE_TO_BYTE
+    return b"".join(bytes([to_byte[char]]) if char in to_byte else char.encode("utf-8") for char in piece)
+
+
+def _decoder_steps(state: dict[str, Any]) -> list[dict[str, Any]]:
+    if state.get("type") == "Sequence":
+        return [step for inner in state.get("decoders", []) for step in _decoder_steps(inner)]
+    return [state]
+
+
+class _PieceDecoder:
+    """Maps a vocabulary piece to its bytes the way the tokenizer's decoder would."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        decoder = tokenizer.decoder
+        steps = _decoder_steps(json.loads(decoder.__getstate__())) if decoder is not None else []
+        types = {step.get("type") for step in steps}
+        self.byte_level = "ByteLevel" in types
+        self.byte_fallback = "ByteFallback" in types
+        self.replacement = METASPACE
+        for step in steps:
+            if step.get("type") == "Metaspace":
+                self.replacement = step.get("replacement", METASPACE)
+            elif step.get("type") == "Replace" and step.get("content") == " ":
+                self.replacement = step.get("pattern", {}).get("String", METASPACE)
+
+    def piece_bytes(self, piece: str) -> bytes:
+        if self.byte_level:
+            return _byte_level_piece_bytes(piece)
+        return metaspace_piece_bytes(piece, self.replacement, self.byte_fallback)
+
+
 def _template_message(message: ChatMessage) -> dict[str, str]:
     data = {"role": message.role, "content": message.content}
     if message.name is not None:
@@ -113,6 +163,9 @@ class HFPromptEncoder:
         self._bos_id = bos_id
         self._eos_id = eos_id
         self._stop_ids = stop_ids
+        self._added_tokens = {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items()}
+        self._piece_decoder = _PieceDecoder(tokenizer)
+        self._token_bytes: dict[int, bytes] = {}  # filled lazily by token_bytes
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> HFPromptEncoder:
@@ -179,3 +232,17 @@ class HFPromptEncoder:
     def decode(self, ids: list[int]) -> str:
         """Decode ids, skipping special tokens."""
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` adds to the text (see `PromptEncoder.token_bytes`); cached per id."""
+        cached = self._token_bytes.get(token_id)
+        if cached is None:
+            cached = self._token_bytes[token_id] = self._compute_token_bytes(token_id)
+        return cached
+
+    def _compute_token_bytes(self, token_id: int) -> bytes:
+        added = self._added_tokens.get(token_id)
+        if added is not None:  # special and added tokens decode to their content as written
+            return added.encode("utf-8")
+        piece = self._tokenizer.id_to_token(token_id) if token_id >= 0 else None
+        return b"" if piece is None else self._piece_decoder.piece_bytes(piece)

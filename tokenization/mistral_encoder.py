@@ -19,14 +19,16 @@ from mistral_common.protocol.instruct.messages import (
 from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
-from mistral_common.tokens.tokenizers.base import TokenizerVersion
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV1
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from pydantic import ValidationError
 
 from tokenization.errors import InvalidConversationError, TokenizerNotFoundError
 from tokenization.messages import ChatMessage
+from tokenization.prompt_encoder import metaspace_piece_bytes
 
 PLAIN_SENTENCEPIECE_NAME = "tokenizer.model"
 V1_VOCAB_SIZE = 32000
@@ -80,6 +82,7 @@ class MistralPromptEncoder:
     def __init__(self, tokenizer: MistralTokenizer) -> None:
         self._tokenizer = tokenizer
         self._text_tokenizer = tokenizer.instruct_tokenizer.tokenizer
+        self._token_bytes: dict[int, bytes] = {}  # filled lazily by token_bytes
 
     @classmethod
     def from_file(cls, path: Path) -> MistralPromptEncoder:
@@ -133,3 +136,21 @@ class MistralPromptEncoder:
     def decode(self, ids: list[int]) -> str:
         """Decode ids, skipping special tokens."""
         return self._tokenizer.decode(ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` adds to the text (see `PromptEncoder.token_bytes`); cached per id."""
+        cached = self._token_bytes.get(token_id)
+        if cached is None:
+            cached = self._token_bytes[token_id] = self._compute_token_bytes(token_id)
+        return cached
+
+    def _compute_token_bytes(self, token_id: int) -> bytes:
+        tokenizer = self._text_tokenizer
+        if not 0 <= token_id < tokenizer.n_words:
+            return b""
+        if isinstance(tokenizer, Tekkenizer):  # byte-level: each token is a byte string already
+            return tokenizer.id_to_byte_piece(token_id, SpecialTokenPolicy.KEEP)
+        piece = tokenizer.id_to_piece(token_id)
+        if tokenizer.is_special(token_id) or token_id == tokenizer.unk_id:
+            return piece.encode("utf-8")  # <s>, </s>, [INST], <unk>: their own text
+        return metaspace_piece_bytes(piece)

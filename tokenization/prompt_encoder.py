@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 from tokenization.messages import ChatMessage
+
+# SentencePiece's word-boundary marker, which decodes to a space.
+METASPACE = "\u2581"
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class PromptEncoder(Protocol):
@@ -46,3 +51,22 @@ class PromptEncoder(Protocol):
     def decode(self, ids: list[int]) -> str:
         """Decode ids into text, dropping special tokens."""
         ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token contributes to the text, as OpenAI logprobs' `bytes` field wants.
+
+        A leading-space marker (`▁`, GPT-2's `Ġ`) is a space, a byte-fallback token
+        (`<0xE2>`) is its single byte, possibly part of a character split over several tokens; a
+        special token is its own text (b"</s>") although `decode` drops it. Unlike `decode`, a token
+        that opens the text keeps its leading space. An id the tokenizer has no token for gives b"".
+        """
+        ...
+
+
+def metaspace_piece_bytes(piece: str, replacement: str = METASPACE, byte_fallback: bool = True) -> bytes:
+    """The bytes of a SentencePiece-style piece: `replacement` is a space, `<0xNN>` the byte NN."""
+    if byte_fallback:
+        match = _BYTE_FALLBACK.fullmatch(piece)
+        if match is not None:
+            return bytes([int(match.group(1), 16)])
+    return piece.replace(replacement, " ").encode("utf-8")

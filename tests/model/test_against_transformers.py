@@ -10,7 +10,7 @@ from model.checkpoint_layouts import Layout, layout_names
 from model.config import load_config
 from model.loader import load_model
 from tests.checkpoints import published_mixtral_keys
-from tests.model.conftest import SHAPE
+from tests.conftest import SHAPE
 from tests.model.paged import PagedHarness
 
 PROMPTS = [

@@ -21,7 +21,7 @@ from tests.checkpoints import (
     write_consolidated,
     write_hf_fused,
 )
-from tests.model.conftest import SHAPE
+from tests.conftest import SHAPE
 from tests.model.paged import PagedHarness
 from tests.model.test_against_transformers import PROMPTS, oracle_logits
 

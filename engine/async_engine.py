@@ -1,0 +1,172 @@
+"""The engine's asyncio face: `generate` is an async iterator; the engine steps in its own thread.
+
+The event loop never runs model code. Requests and aborts reach the engine thread through a
+command queue; each step's outputs come back in one `call_soon_threadsafe` call and are routed
+to per-request asyncio queues. If the engine thread dies, every waiter gets `EngineDeadError`
+at once and `is_healthy` turns false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from engine.llm_engine import Engine
+from engine.outputs import EngineDeadError, RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5  # the thread sleeps on an event; this only bounds how stale a shutdown check gets
+
+
+@dataclass(frozen=True, slots=True)
+class _Add:
+    request_id: str
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    context_ids: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead_error: EngineDeadError | None = None
+        self.step_hook: Callable[[], None] | None = None  # called before each step (fault injection)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead_error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._queues)
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will call `generate`."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        context_ids: Sequence[int] = (),
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of every choice of the request as they are produced; ends when all finished.
+
+        Raises `RequestRejected` before any work for a request that can never be served, and
+        `EngineDeadError` if the engine is (or dies while) serving it. Leaving the iteration
+        early (a client disconnect cancels the task) aborts the request.
+        """
+        if self.dead_error is not None:
+            raise self.dead_error
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.engine.validate(prompt_ids, params)  # reads config only: safe from this thread
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = outputs
+        if self.dead_error is not None:  # died between the first check and registration
+            self._queues.pop(request_id, None)
+            raise self.dead_error
+        self._send(_Add(request_id, list(prompt_ids), params, list(context_ids)))
+        remaining = params.n
+        try:
+            while remaining:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                remaining -= item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if remaining:
+                self._send(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(_Abort(request_id))
+
+    def _send(self, command: _Add | _Abort) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if not self.engine.has_work:
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                if self.step_hook is not None:
+                    self.step_hook()
+                outputs = self.engine.step()
+                if outputs:
+                    self._deliver_threadsafe(outputs)
+        except BaseException as exc:
+            logger.exception("engine loop died")
+            self.dead_error = EngineDeadError(f"engine loop died: {type(exc).__name__}: {exc}"[:300])
+            self._deliver_threadsafe(self.dead_error)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Abort):
+                self.engine.abort(command.request_id)
+            elif command.request_id in self._queues:  # not already abandoned by its caller
+                try:
+                    self.engine.add_request(
+                        command.request_id, command.prompt_ids, command.params, command.context_ids
+                    )
+                except Exception as exc:
+                    self._deliver_threadsafe({command.request_id: exc})
+
+    def _deliver_threadsafe(
+        self, payload: list[RequestOutput] | BaseException | dict[str, Exception]
+    ) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._deliver, payload)
+
+    def _deliver(self, payload: list[RequestOutput] | BaseException | dict[str, Exception]) -> None:
+        """Runs on the event loop: route outputs (or errors) to the waiting requests."""
+        if isinstance(payload, BaseException):
+            for q in self._queues.values():
+                q.put_nowait(payload)
+            return
+        if isinstance(payload, dict):
+            for rid, exc in payload.items():
+                if rid in self._queues:
+                    self._queues[rid].put_nowait(exc)
+            return
+        for out in payload:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)

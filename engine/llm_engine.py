@@ -1,0 +1,201 @@
+"""The synchronous engine core: requests in, per-step outputs out. One thread drives it.
+
+A step schedules, runs the model, applies token-level stops, then detokenizes each sequence's
+new token and checks its stop strings. A failure while post-processing one request fails that
+request only; a failure of the forward itself fails the requests of that step, and the engine
+keeps serving the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from engine.config import EngineConfig
+from engine.outputs import Logprob, RequestOutput, RequestRejected, TopLogprob
+from engine.request import FinishReason, Request
+from engine.runner import ModelRunner, RunnerOutput
+from engine.sampler import TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk, Scheduler
+from model.mixtral import MixtralModel
+from tokenization.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class TextDecoder(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+class Engine:
+    def __init__(
+        self,
+        model: MixtralModel,
+        config: EngineConfig,
+        decoder: TextDecoder,
+        eos_token_id: int | None,
+        seed: int = 0,
+    ) -> None:
+        self.config = config
+        self.decoder = decoder
+        self.eos_token_id = eos_token_id
+        self.scheduler = Scheduler(config)
+        self.runner = ModelRunner(model, config, seed)
+        self._choices: dict[str, list[Request]] = {}  # client request id -> its choices
+        self._detok: dict[str, IncrementalDetokenizer] = {}  # internal id -> detokenizer
+        self._prompt_logprobs: dict[str, list[Logprob | None]] = {}
+        self.num_steps = 0
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise `RequestRejected` for a request that can never be served. Touches no state."""
+        n, limit, total = len(prompt_ids), self.config.max_model_len, len(prompt_ids) + params.max_tokens
+        if n == 0:
+            raise RequestRejected("the prompt is empty", "empty_prompt")
+        if total > limit:
+            raise RequestRejected(
+                f"This model's maximum context length is {limit} tokens. However, you requested {total} "
+                f"tokens ({n} in the messages, {params.max_tokens} in the completion).",
+                "context_length_exceeded",
+            )
+        capacity = self.config.kv_capacity_tokens
+        if total > capacity:
+            raise RequestRejected(
+                f"{total} tokens can never fit the KV cache ({capacity} tokens)", "kv_cache_too_small"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        context_ids: Sequence[int] = (),
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request; `context_ids` seed detokenization (a `prefix` the reply continues)."""
+        self.validate(prompt_ids, params)
+        if request_id in self._choices:
+            raise RequestRejected(f"request id {request_id!r} is already in use", "duplicate_request_id")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        choices = []
+        for i in range(params.n):
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(
+                rid, list(prompt_ids), params, self.eos_token_id, self.config.max_model_len, arrival, i
+            )
+            req.parent_id = request_id
+            if i > 0 and self.config.enable_prefix_caching:
+                req.wait_for = choices[0]
+            self._detok[rid] = IncrementalDetokenizer(self.decoder.decode, context_ids, params.stop)
+            choices.append(req)
+            self.scheduler.add(req)
+        self._choices[request_id] = choices
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request's choices now; their KV blocks are free when this returns."""
+        for req in self._choices.pop(request_id, []):
+            self.scheduler.finish(req, FinishReason.ABORT)
+            self._forget(req)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns the outputs it produced (at most one per running choice)."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        self.num_steps += 1
+        try:
+            run = self.runner.execute(sched)
+        except Exception as exc:  # the forward failed: fail this step's requests, keep serving
+            logger.exception("model step failed; failing %d request(s)", len(sched.chunks))
+            return [self._fail(c.request, exc) for c in sched.chunks]
+        self.scheduler.update(sched, run.sampled)
+        outputs = []
+        for chunk in sched.chunks:
+            try:
+                out = self._postprocess(chunk, run)
+            except Exception as exc:
+                logger.exception("post-processing request %s failed", chunk.request.request_id)
+                out = self._fail(chunk.request, exc)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _postprocess(self, chunk: ScheduledChunk, run: RunnerOutput) -> RequestOutput | None:
+        req = chunk.request
+        if req.request_id not in self._detok:  # aborted while the step ran
+            return None
+        if req.request_id in run.prompt_logprobs:
+            entries = [self._logprob(e) for e in run.prompt_logprobs[req.request_id]]
+            self._prompt_logprobs.setdefault(req.request_id, [None]).extend(entries)
+        if req.request_id not in run.sampled:
+            return None  # a prefill chunk that did not reach the end of the prompt
+        token = req.token_ids[-1]
+        detok = self._detok[req.request_id]
+        text = detok.add([token])
+        if text.stop_string is not None:
+            self.scheduler.finish(req, FinishReason.STOP)
+            req.stop_reason = text.stop_string
+        new_text = text.text + (detok.finish().text if req.is_finished else "")
+        logprob = run.logprobs.get(req.request_id)
+        return self._output(req, (token,), new_text, (self._logprob(logprob),) if logprob else ())
+
+    def _output(
+        self,
+        req: Request,
+        tokens: tuple[int, ...],
+        text: str,
+        logprobs: tuple[Logprob, ...],
+        error: str | None = None,
+    ) -> RequestOutput:
+        prompt_lp = None
+        if req.params.prompt_logprobs is not None and req.num_output_tokens <= 1:
+            prompt_lp = tuple(self._prompt_logprobs.pop(req.request_id, [None]))
+        out = RequestOutput(
+            request_id=req.parent_id or req.request_id,
+            index=req.index,
+            new_token_ids=tokens,
+            new_text=text,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_lp,
+            error=error,
+        )
+        if req.is_finished:
+            self._forget(req)
+        return out
+
+    def _fail(self, req: Request, exc: BaseException) -> RequestOutput:
+        self.scheduler.finish(req, FinishReason.ERROR)
+        return self._output(req, (), "", (), error=f"{type(exc).__name__}: {exc}"[:500])
+
+    def _forget(self, req: Request) -> None:
+        self.runner.release(req.request_id)
+        self._detok.pop(req.request_id, None)
+        self._prompt_logprobs.pop(req.request_id, None)
+        parent = req.parent_id or req.request_id
+        choices = self._choices.get(parent)
+        if choices is not None and all(c.request_id not in self._detok for c in choices):
+            del self._choices[parent]  # every choice has delivered its last output
+
+    def _logprob(self, entry: TokenLogprob) -> Logprob:
+        raw = self.decoder.token_bytes(entry.token_id)
+        top = tuple(
+            TopLogprob(t, (b := self.decoder.token_bytes(t)).decode("utf-8", "replace"), tuple(b), lp)
+            for t, lp in entry.top
+        )
+        return Logprob(
+            entry.token_id, raw.decode("utf-8", "replace"), tuple(raw), entry.logprob, entry.rank, top
+        )

@@ -1,0 +1,66 @@
+"""What the engine hands back, step by step, for each choice of each request. Plain Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.request import FinishReason
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    token: str  # the token's text as it would appear in the output
+    bytes: tuple[int, ...]  # its UTF-8 bytes (a lone byte-fallback token has one byte)
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """The logprob of one chosen (or prompt) token and its top alternatives."""
+
+    token_id: int
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    rank: int
+    top: tuple[TopLogprob, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """New tokens and text of one choice since the last output; the last one has `finished` set."""
+
+    request_id: str  # the client's request id
+    index: int  # the choice, 0 .. n - 1
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    stop_reason: str | int | None  # the stop string or stop token id that ended it
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    logprobs: tuple[Logprob, ...] = ()  # one per new token, when requested
+    prompt_logprobs: tuple[Logprob | None, ...] | None = None  # on the first output; None for token 0
+    error: str | None = None  # set when finish_reason is ERROR
+
+
+class EngineError(RuntimeError):
+    """Base of the engine's typed errors."""
+
+
+class RequestRejected(EngineError, ValueError):
+    """A request the engine can never serve (too long for the context or the KV pool)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EngineDeadError(EngineError):
+    """The engine loop stopped; no request can be served until the process restarts."""
+
+
+class RequestFailedError(EngineError):
+    """Serving one request failed (the engine goes on serving the others)."""

@@ -1,0 +1,118 @@
+"""The model runner: one scheduled step in, sampled tokens out.
+
+It owns the paged KV pool and the preallocated batch buffers, lays a `SchedulerOutput` out as a
+flat batch (decodes first), runs the model, and samples for the chunks that reached the end of
+their known tokens. Per-request generators live here so a seeded request samples the same
+tokens alone or in any batch, across preemptions too.
+
+Shape legend: T tokens in the step, S sampled sequences, V vocabulary, D hidden size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.sampler import Sampler, SamplingRow, TokenLogprob, make_generator, prompt_logprobs
+from engine.scheduler import ScheduledChunk, SchedulerOutput
+from model.batch import BatchBuilder, SequenceChunk
+from model.mixtral import MixtralModel, allocate_kv_cache, kv_cache_bytes_per_token
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOutput:
+    sampled: dict[str, int]  # request id -> token
+    logprobs: dict[str, TokenLogprob]  # for requests that asked for them
+    prompt_logprobs: dict[str, list[TokenLogprob]]  # request id -> entries for this chunk's targets
+
+
+def kv_blocks_for_budget(model: MixtralModel, dtype: torch.dtype, budget_bytes: int, block_size: int) -> int:
+    """How many KV blocks of `block_size` tokens fit in `budget_bytes`."""
+    return budget_bytes // (kv_cache_bytes_per_token(model.config, dtype) * block_size)
+
+
+class ModelRunner:
+    def __init__(self, model: MixtralModel, config: EngineConfig, seed: int = 0) -> None:
+        self.model = model
+        self.config = config
+        param = model.embed_tokens.weight
+        self.device = param.device
+        self.kv_cache = allocate_kv_cache(
+            model.config, config.num_kv_blocks, config.block_size, param.dtype, self.device
+        )  # [L, 2, N, B, K, Dh]
+        self.builder = BatchBuilder(
+            max_num_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_blocks_per_seq=config.max_blocks_per_seq,
+            block_size=config.block_size,
+            device=self.device,
+        )
+        self.sampler = Sampler(model.config.vocab_size, torch.Generator(device=self.device).manual_seed(seed))
+        self._generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state of a finished request."""
+        self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        chunks = sorted(output.chunks, key=lambda c: len(c.token_ids) != 1)  # decodes first (stable)
+        batch = self.builder.build([SequenceChunk(c.token_ids, c.num_computed, c.block_ids) for c in chunks])
+        hidden = self.model(batch.input_ids, self.kv_cache, batch.attn)  # [T, D]
+        result = RunnerOutput({}, {}, {})
+        self._prompt_logprobs(chunks, hidden, batch.attn.query_start_loc.tolist(), result)
+        rows = [i for i, c in enumerate(chunks) if c.sample]
+        if rows:
+            index = batch.logits_indices[rows] if len(rows) < len(chunks) else batch.logits_indices
+            logits = self.model.compute_logits(hidden.index_select(0, index))  # [S, V] fp32
+            self._sample([chunks[i] for i in rows], logits, result)
+        return result
+
+    def _sample(self, chunks: Sequence[ScheduledChunk], logits: torch.Tensor, result: RunnerOutput) -> None:
+        rows = [
+            SamplingRow(
+                params=c.request.params,
+                prompt_token_ids=c.request.prompt_token_ids,
+                output_token_ids=c.request.output_token_ids,
+                generator=self._generator(c),
+                eos_token_id=c.request.eos_token_id,
+            )
+            for c in chunks
+        ]
+        out = self.sampler(logits, rows)
+        for chunk, token, logprob in zip(chunks, out.token_ids, out.logprobs, strict=True):
+            result.sampled[chunk.request.request_id] = token
+            if logprob is not None:
+                result.logprobs[chunk.request.request_id] = logprob
+
+    def _generator(self, chunk: ScheduledChunk) -> torch.Generator | None:
+        seed = chunk.request.params.seed
+        if seed is None:
+            return None
+        rid = chunk.request.request_id
+        if rid not in self._generators:
+            self._generators[rid] = make_generator(_choice_seed(seed, chunk.request.index))
+        return self._generators[rid]
+
+    def _prompt_logprobs(
+        self, chunks: Sequence[ScheduledChunk], hidden: torch.Tensor, starts: list[int], result: RunnerOutput
+    ) -> None:
+        """Logprobs of the prompt tokens this step's chunks predict (positions 1 .. P-1)."""
+        for row, chunk in enumerate(chunks):
+            req = chunk.request
+            k = req.params.prompt_logprobs
+            if k is None or chunk.num_computed >= req.num_prompt_tokens - 1:
+                continue
+            first = chunk.num_computed  # logits at position p predict prompt token p + 1
+            last = min(chunk.num_computed + len(chunk.token_ids), req.num_prompt_tokens - 1)
+            logits = self.model.compute_logits(hidden[starts[row] : starts[row] + last - first])
+            targets = req.prompt_token_ids[first + 1 : last + 1]
+            result.prompt_logprobs[req.request_id] = prompt_logprobs(logits, targets, k)
+
+
+def _choice_seed(seed: int, index: int) -> int:
+    """Choice 0 uses the request's seed; other choices of an n > 1 request get distinct derived seeds."""
+    return seed if index == 0 else hash((seed, index)) & ((1 << 63) - 1)

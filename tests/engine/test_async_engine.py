@@ -1,0 +1,99 @@
+"""The asyncio face: streaming, aborts on disconnect, a dead loop failing every waiter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.outputs import EngineDeadError, RequestRejected
+from tests.engine.helpers import greedy, make_engine, tokens
+
+PROMPT = [1, *range(100, 120)]
+
+
+async def collect(engine: AsyncEngine, rid: str, prompt=PROMPT, params=None):
+    return [o async for o in engine.generate(prompt, params or greedy(12), rid)]
+
+
+def test_generate_streams_tokens_and_concurrent_requests_match_alone(hf_dir):
+    async def main():
+        engine = AsyncEngine(make_engine(hf_dir))
+        engine.start()
+        alone = await collect(engine, "solo")
+        together = await asyncio.gather(*(collect(engine, f"r{i}") for i in range(4)))
+        await engine.shutdown()
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert len(alone) == 12 and all(len(o.new_token_ids) == 1 for o in alone)
+    assert [o.finished for o in alone] == [False] * 11 + [True]
+    for outs in together:
+        assert tokens(outs) == tokens(alone)
+
+
+def test_leaving_the_stream_aborts_and_frees_blocks(hf_dir):
+    async def main():
+        engine = AsyncEngine(make_engine(hf_dir))
+        engine.start()
+        stream = engine.generate(PROMPT, greedy(200), "gone")
+        async for _ in stream:
+            break  # the client disconnects after the first token
+        await stream.aclose()
+        blocks = engine.engine.scheduler.blocks
+        deadline = time.monotonic() + 5
+        while blocks.num_free_blocks != blocks.num_blocks and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        steps_after = engine.engine.num_steps
+        await engine.shutdown()
+        return blocks.num_free_blocks == blocks.num_blocks, engine.engine.has_work, steps_after
+
+    freed, has_work, steps = asyncio.run(main())
+    assert freed and not has_work
+    assert steps < 50  # stopped long before its 200 tokens
+
+
+def test_rejected_request_raises_before_any_work(hf_dir):
+    async def main():
+        engine = AsyncEngine(make_engine(hf_dir, max_model_len=32))
+        engine.start()
+        with pytest.raises(RequestRejected):
+            await collect(engine, "long", prompt=list(range(1, 40)))
+        ok = await collect(engine, "ok", prompt=[1, 2, 3], params=greedy(4))
+        await engine.shutdown()
+        return ok
+
+    assert len(asyncio.run(main())) == 4
+
+
+def test_dead_loop_fails_every_waiter_promptly(hf_dir):
+    async def main():
+        engine = AsyncEngine(make_engine(hf_dir))
+        engine.start()
+        calls = 0
+
+        def die():
+            nonlocal calls
+            calls += 1
+            if calls == 5:
+                raise SystemError("injected: the loop dies")
+
+        engine.step_hook = die
+        start = time.monotonic()
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(collect(engine, f"w{i}", params=greedy(100)) for i in range(3)), return_exceptions=True
+            ),
+            timeout=10,
+        )
+        elapsed = time.monotonic() - start
+        assert not engine.is_healthy
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "late")
+        return results, elapsed
+
+    results, elapsed = asyncio.run(main())
+    assert all(isinstance(r, EngineDeadError) for r in results), results
+    assert elapsed < 5

@@ -1,0 +1,176 @@
+"""The engine end to end on a tiny fp32 Mixtral: batching, preemption, caching, sampling, stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.outputs import RequestRejected
+from engine.request import FinishReason
+from engine.sampling_params import SamplingParams
+from tests.engine.helpers import EOS, greedy, make_engine, run, text, tokens
+
+PROMPTS = {
+    "a": [1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793],
+    "b": [1, *range(100, 141)],
+    "c": [1, 415, 5565],
+    "d": [1, *range(2000, 2000 + 67)],
+    "e": [1, 28705, 29473, 29136, 9191, 29015],
+}
+
+
+@pytest.fixture(scope="module")
+def alone(hf_dir):
+    """Greedy tokens of each prompt generated on its own."""
+    engine = make_engine(hf_dir)
+    return {rid: tokens(run(engine, {rid: (p, greedy(24))})[(rid, 0)]) for rid, p in PROMPTS.items()}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"max_num_batched_tokens": 16},  # prompts are prefilled in chunks beside decodes
+        {"num_kv_blocks": 14, "block_size": 8},  # 112 slots for ~260 tokens: preemption must happen
+        {"block_size": 3, "enable_prefix_caching": False},
+    ],
+    ids=["batched", "chunked-prefill", "preemption", "small-blocks-no-cache"],
+)
+def test_batched_greedy_equals_alone(hf_dir, alone, settings):
+    engine = make_engine(hf_dir, **settings)
+    outs = run(engine, {rid: (p, greedy(24)) for rid, p in PROMPTS.items()})
+    for rid in PROMPTS:
+        assert tokens(outs[(rid, 0)]) == alone[rid], rid
+        assert outs[(rid, 0)][-1].finish_reason is FinishReason.LENGTH
+    if "num_kv_blocks" in settings:
+        assert engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+
+
+def test_prefix_cache_hit_skips_work_and_keeps_output(hf_dir, alone):
+    engine = make_engine(hf_dir, block_size=4)
+    run(engine, {"first": (PROMPTS["d"], greedy(24))})
+    outs = run(engine, {"again": (PROMPTS["d"], greedy(24))})
+    last = outs[("again", 0)][-1]
+    assert last.num_cached_tokens == (len(PROMPTS["d"]) - 1) // 4 * 4
+    assert tokens(outs[("again", 0)]) == alone["d"]
+
+
+def test_streamed_text_equals_decoding_all_tokens(hf_dir):
+    engine = make_engine(hf_dir)
+    outs = run(engine, {"x": (PROMPTS["b"], greedy(40))})[("x", 0)]
+    assert text(outs) == engine.decoder.decode(tokens(outs))
+    assert "\ufffd" not in text(outs) or "\ufffd" in engine.decoder.decode(tokens(outs))
+
+
+def test_stop_string_across_tokens_ends_generation_and_is_not_in_output(hf_dir):
+    engine = make_engine(hf_dir)
+    full = text(run(engine, {"x": (PROMPTS["b"], greedy(40))})[("x", 0)])
+    stop = full[len(full) // 2 : len(full) // 2 + 5]
+    assert len(stop.strip()) >= 3, full
+    outs = run(engine, {"y": (PROMPTS["b"], greedy(40, stop=(stop,)))})[("y", 0)]
+    assert text(outs) == full[: full.index(stop)]
+    assert outs[-1].finish_reason is FinishReason.STOP and outs[-1].stop_reason == stop
+
+
+def test_eos_min_tokens_and_ignore_eos(hf_dir):
+    engine = make_engine(hf_dir)
+    force_eos = {EOS: 100.0}
+    p = SamplingParams(temperature=0.0, max_tokens=20, min_tokens=3, logit_bias=force_eos)
+    outs = run(engine, {"eos": (PROMPTS["a"], p)})[("eos", 0)]
+    assert len(tokens(outs)) == 4 and tokens(outs)[-1] == EOS and EOS not in tokens(outs)[:3]
+    assert outs[-1].finish_reason is FinishReason.STOP
+    p = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias=force_eos)
+    outs = run(engine, {"ign": (PROMPTS["a"], p)})[("ign", 0)]
+    assert tokens(outs) == [EOS] * 6 and outs[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_max_tokens_and_context_window(hf_dir):
+    engine = make_engine(hf_dir, max_model_len=64)
+    outs = run(engine, {"m": (PROMPTS["c"], greedy(7))})[("m", 0)]
+    assert len(tokens(outs)) == 7 and outs[-1].finish_reason is FinishReason.LENGTH
+    assert outs[-1].num_prompt_tokens == 3 and outs[-1].num_output_tokens == 7
+    with pytest.raises(RequestRejected, match="maximum context length is 64 tokens") as err:
+        engine.add_request("big", PROMPTS["d"], greedy(10))
+    assert err.value.code == "context_length_exceeded"
+
+
+def test_seeds_are_per_request(hf_dir):
+    engine = make_engine(hf_dir)
+
+    def sample(seed, others=()):
+        reqs = {
+            "s": (PROMPTS["b"], SamplingParams(temperature=1.0, seed=seed, max_tokens=16, ignore_eos=True))
+        }
+        for i, (prompt, s) in enumerate(others):
+            reqs[f"o{i}"] = (prompt, SamplingParams(temperature=1.0, seed=s, max_tokens=12, ignore_eos=True))
+        return tokens(run(engine, reqs)[("s", 0)])
+
+    alone = sample(7)
+    assert sample(7) == alone
+    assert sample(7, others=[(PROMPTS["a"], None), (PROMPTS["d"], 3), (PROMPTS["c"], None)]) == alone
+    assert sample(8) != alone
+
+
+def test_n_choices_share_the_prompt_and_differ(hf_dir):
+    engine = make_engine(hf_dir, block_size=4)
+    p = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=10, ignore_eos=True)
+    outs = run(engine, {"n": (PROMPTS["d"], p)})
+    choices = [tokens(outs[("n", i)]) for i in range(3)]
+    assert all(len(c) == 10 for c in choices)
+    assert len({tuple(c) for c in choices}) == 3
+    assert [outs[("n", i)][-1].num_cached_tokens for i in (1, 2)] == [64, 64]  # 16 full blocks reused
+
+
+def test_logprobs_of_sampled_tokens_and_prompt(hf_dir, oracle):
+    engine = make_engine(hf_dir)
+    prompt = PROMPTS["e"]
+    p = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    outs = run(engine, {"lp": (prompt, p)})[("lp", 0)]
+    with torch.no_grad():
+        ref = torch.log_softmax(oracle(torch.tensor([prompt + tokens(outs)])).logits[0].double(), -1)
+    for i, out in enumerate(outs):
+        (lp,) = out.logprobs
+        pos = len(prompt) - 1 + i
+        assert lp.token_id == out.new_token_ids[0] and lp.rank == 1
+        assert lp.logprob == pytest.approx(ref[pos, lp.token_id].item(), abs=1e-4)
+        assert [t.token_id for t in lp.top] == ref[pos].topk(2).indices.tolist()
+        assert bytes(lp.bytes).decode("utf-8", "replace") == lp.token
+    plp = outs[0].prompt_logprobs
+    assert plp[0] is None and len(plp) == len(prompt)
+    for pos in range(1, len(prompt)):
+        assert plp[pos].token_id == prompt[pos]
+        assert plp[pos].logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
+
+
+def test_failure_in_one_request_leaves_the_others_intact(hf_dir, alone):
+    engine = make_engine(hf_dir)
+    engine.add_request("bad", PROMPTS["c"], greedy(24))
+    real_add = engine._detok["bad"].add
+
+    def explode(ids):
+        if len(engine._choices["bad"][0].output_token_ids) >= 3:
+            raise RuntimeError("injected fault")
+        return real_add(ids)
+
+    engine._detok["bad"].add = explode
+    outs = run(engine, {rid: (PROMPTS[rid], greedy(24)) for rid in ("a", "b")})
+    assert outs[("bad", 0)][-1].finish_reason is FinishReason.ERROR
+    assert "injected fault" in outs[("bad", 0)][-1].error
+    for rid in ("a", "b"):
+        assert tokens(outs[(rid, 0)]) == alone[rid]
+    assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+
+
+def test_abort_frees_blocks_at_once(hf_dir):
+    engine = make_engine(hf_dir)
+    engine.add_request("x", PROMPTS["d"], greedy(50))
+    engine.add_request("y", PROMPTS["b"], greedy(50))
+    for _ in range(3):
+        engine.step()
+    engine.abort("x")
+    assert not any(r.request_id == "x" for r in engine.scheduler.running)
+    engine.scheduler.blocks.check_invariants(engine.scheduler.running)
+    engine.abort("y")
+    assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+    assert not engine.has_work
