@@ -4,6 +4,12 @@ The event loop never runs model code. Requests and aborts reach the engine threa
 command queue; each step's outputs come back in one `call_soon_threadsafe` call and are routed
 to per-request asyncio queues. If the engine thread dies, every waiter gets `EngineDeadError`
 at once and `is_healthy` turns false.
+
+The engine is built (weights loaded) inside its thread, and all torch work stays there. This
+matters on CPU: once two threads have run OpenMP regions, libgomp sees more managed threads
+than cores and stops spin-waiting between regions, and every parallel op pays a futex wake-up.
+Measured on 2 cores: a decode step of the small Mixtral took 10.9 ms with all torch work in
+one thread, 20 ms when the model was loaded in another.
 """
 
 from __future__ import annotations
@@ -38,9 +44,15 @@ class _Abort:
     request_id: str
 
 
+class EngineNotReadyError(RuntimeError):
+    """The engine is still loading weights or warming up."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, build: Callable[[], Engine]) -> None:
+        self._build = build
+        self.engine: Engine | None = None  # set by the engine thread once built
+        self._ready = threading.Event()
         self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -53,6 +65,17 @@ class AsyncEngine:
     @property
     def is_healthy(self) -> bool:
         return self.dead_error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and self.is_healthy
+
+    async def wait_ready(self) -> Engine:
+        """Wait until the engine is built; raises `EngineDeadError` if building it failed."""
+        await asyncio.to_thread(self._ready.wait)
+        if self.dead_error is not None or self.engine is None:
+            raise self.dead_error or EngineDeadError("engine failed to start")
+        return self.engine
 
     @property
     def num_active_requests(self) -> int:
@@ -85,6 +108,8 @@ class AsyncEngine:
         """
         if self.dead_error is not None:
             raise self.dead_error
+        if self.engine is None or not self._ready.is_set():
+            raise EngineNotReadyError("the engine is still starting")
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.engine.validate(prompt_ids, params)  # reads config only: safe from this thread
@@ -116,33 +141,36 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            self.engine = engine = self._build()
+            self._ready.set()
             while not self._stopping:
-                self._drain_commands()
-                if not self.engine.has_work:
+                self._drain_commands(engine)
+                if not engine.has_work:
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()
                     continue
                 if self.step_hook is not None:
                     self.step_hook()
-                outputs = self.engine.step()
+                outputs = engine.step()
                 if outputs:
                     self._deliver_threadsafe(outputs)
         except BaseException as exc:
             logger.exception("engine loop died")
             self.dead_error = EngineDeadError(f"engine loop died: {type(exc).__name__}: {exc}"[:300])
+            self._ready.set()  # release anyone waiting for a start that will never come
             self._deliver_threadsafe(self.dead_error)
 
-    def _drain_commands(self) -> None:
+    def _drain_commands(self, engine: Engine) -> None:
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
             if isinstance(command, _Abort):
-                self.engine.abort(command.request_id)
+                engine.abort(command.request_id)
             elif command.request_id in self._queues:  # not already abandoned by its caller
                 try:
-                    self.engine.add_request(
+                    engine.add_request(
                         command.request_id, command.prompt_ids, command.params, command.context_ids
                     )
                 except Exception as exc:

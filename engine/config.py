@@ -13,6 +13,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 2048  # tokens in one step (the chunked-prefill budget)
     enable_prefix_caching: bool = True
+    pack_cpu_weights: bool = True  # oneDNN-prepacked GEMM weights on CPU (model.packed_linear)
 
     def __post_init__(self) -> None:
         for name in (

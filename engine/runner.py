@@ -40,6 +40,8 @@ class ModelRunner:
         self.config = config
         param = model.embed_tokens.weight
         self.device = param.device
+        if config.pack_cpu_weights:
+            model.pack_for_cpu()  # no-op off the CPU or where oneDNN packing is unavailable
         self.kv_cache = allocate_kv_cache(
             model.config, config.num_kv_blocks, config.block_size, param.dtype, self.device
         )  # [L, 2, N, B, K, Dh]

@@ -54,14 +54,17 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, Dh]
         self.cos_sin = torch.stack((emb.cos(), emb.sin()), dim=1)  # [P, 2, Dh]
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, H, Dh] and k [T, K, Dh] by their token positions [T]."""
-        cos_sin = self.cos_sin.index_select(0, positions).to(q.dtype)  # [T, 2, Dh]
-        cos = cos_sin[:, 0].unsqueeze(1)  # [T, 1, Dh]
-        sin = cos_sin[:, 1].unsqueeze(1)  # [T, 1, Dh]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, Dh] for token positions [T], shared by every layer of a step."""
+        cos_sin = self.cos_sin.index_select(0, positions).to(dtype)  # [T, 2, Dh]
+        return cos_sin[:, 0].unsqueeze(1), cos_sin[:, 1].unsqueeze(1)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, H, Dh] and k [T, K, Dh] by cos, sin [T, 1, Dh] (rotate-half convention)."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

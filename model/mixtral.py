@@ -15,8 +15,9 @@ from torch import nn
 
 from model.batch import AttentionMetadata
 from model.config import ModelConfig
-from model.layers import RMSNorm, RotaryEmbedding
+from model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from model.moe import FeedForward
+from model.packed_linear import PackedLinear, packing_supported
 from model.paged_attention import paged_attention, write_kv
 
 
@@ -38,7 +39,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, D]
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, 1, Dh]
         kv_cache: torch.Tensor,  # [2, N, B, K, Dh]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -47,7 +48,7 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, Dh]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, Dh]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, Dh]
-        q, k = rotary(meta.positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, kv_cache, meta, self.scale)  # [T, H, Dh]
         return self.o_proj(out.view(num_tokens, -1))
@@ -68,9 +69,13 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, D] -> [T, D]
-        x = x + self.attn(self.input_norm(x), rotary, kv_cache, meta)
+        x = x + self.attn(self.input_norm(x), rope, kv_cache, meta)
         return x + self.ffn(self.post_attn_norm(x))
 
 
@@ -100,9 +105,26 @@ class MixtralModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, D]
         x = self.embed_tokens(input_ids)
+        rope = self.rotary(meta.positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, self.rotary, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
+
+    def pack_for_cpu(self) -> bool:
+        """Prepack every GEMM weight for oneDNN (see `model.packed_linear`); one-way, CPU only.
+
+        Returns False (and changes nothing) where packing is unavailable.
+        """
+        weight = self.embed_tokens.weight
+        if weight.device.type != "cpu" or not packing_supported(weight.dtype):
+            return False
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.attn.qkv_proj = PackedLinear(layer.attn.qkv_proj.weight)
+                layer.attn.o_proj = PackedLinear(layer.attn.o_proj.weight)
+                layer.ffn.pack_for_cpu()
+            self.lm_head = PackedLinear(self.lm_head.weight)
+        return True
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, D] -> [S, V] fp32

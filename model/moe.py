@@ -7,7 +7,7 @@ router, so a dense checkpoint and an upcycled MoE share every code path but rout
 Dispatch follows the contract of vLLM's `moe_align_block_size`: token-expert pairs sorted by
 expert, each expert's group padded to a tile size, one expert per tile. `align_to_experts`
 builds it on the device without a host sync (fixed shapes, sized for the worst case), which is
-what a fused grouped-GEMM kernel consumes. The torch path (`grouped_swiglu`) needs no padding:
+what a fused grouped-GEMM kernel consumes. The torch path (`grouped_experts`) needs no padding:
 it sorts the pairs (`sort_pairs_by_expert`, the first half of the same computation), reads the
 expert counts on the host (a sync the CPU path may make) and runs one GEMM per non-empty segment.
 
@@ -17,11 +17,14 @@ E experts, D hidden size, F expert FFN size, C padded pair capacity, Nt tiles = 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.packed_linear import PackedLinear, pack_weight, packed_linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,31 +81,41 @@ def align_to_experts(topk_ids: torch.Tensor, num_experts: int, tile_size: int) -
     return MoEDispatch(sorted_pair_ids, tile_expert_ids, padded_end[-1:], counts, tile_size)
 
 
+# (expert index, its tokens [n, D]) -> that expert's output [n, D]
+ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """One SwiGLU FFN: x [n, D], w13 [2F, D] (gate; up), w2 [D, F] -> [n, D]."""
-    gate_up = F.linear(x, w13)  # [n, 2F]
-    gate, up = gate_up.chunk(2, dim=-1)  # [n, F] each
-    return F.linear(F.silu(gate) * up, w2)
+    return F.linear(silu_and_mul(F.linear(x, w13)), w2)
 
 
-def grouped_swiglu(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Torch-path MoE: one GEMM per expert segment, weighted scatter-add back to tokens.
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[n, 2F] (gate; up) -> silu(gate) * up [n, F]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
 
-    x [T, D], w13 [E, 2F, D], w2 [E, D, F] -> [T, D].
-    """
+
+def grouped_experts(x: torch.Tensor, routing: Routing, num_experts: int, expert: ExpertFn) -> torch.Tensor:
+    """Torch-path MoE: one GEMM per expert segment, weighted scatter-add back to tokens; x [T, D]."""
     top_k = routing.topk_ids.shape[1]
-    pair_ids, counts = sort_pairs_by_expert(routing.topk_ids, w13.shape[0])  # [P], [E]
+    pair_ids, counts = sort_pairs_by_expert(routing.topk_ids, num_experts)  # [P], [E]
     token_ids = pair_ids // top_k  # [P]
     xs = x.index_select(0, token_ids)  # [P, D]
     ys = torch.empty_like(xs)  # [P, D]
     start = 0
-    for expert, count in enumerate(counts.tolist()):  # host sync: torch path only
+    for e, count in enumerate(counts.tolist()):  # host sync: torch path only
         if count:
-            ys[start : start + count] = swiglu(xs[start : start + count], w13[expert], w2[expert])
+            ys[start : start + count] = expert(e, xs[start : start + count])
             start += count
     pair_weights = routing.topk_weights.flatten().index_select(0, pair_ids)  # [P] fp32
     ys = (ys * pair_weights[:, None]).to(x.dtype)  # [P, D]
     return torch.zeros_like(x).index_add_(0, token_ids, ys)
+
+
+def grouped_swiglu(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """`grouped_experts` over stacked weights w13 [E, 2F, D], w2 [E, D, F]; x [T, D] -> [T, D]."""
+    return grouped_experts(x, routing, w13.shape[0], lambda e, xs: swiglu(xs, w13[e], w2[e]))
 
 
 class FeedForward(nn.Module):
@@ -114,10 +127,27 @@ class FeedForward(nn.Module):
         self.top_k = top_k
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False) if num_experts > 1 else None
+        self.gate: nn.Module | None = None  # the router; a dense FFN has none
+        if num_experts > 1:
+            self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         if self.gate is None:
-            return swiglu(x, self.w13[0], self.w2[0])
+            return self._expert(0, x)
         routing = route(self.gate(x), self.top_k)
-        return grouped_swiglu(x, routing, self.w13, self.w2)
+        return grouped_experts(x, routing, self.num_experts, self._expert)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            return swiglu(x, self.w13[e], self.w2[e])
+        w13, w2 = self._packed[e]
+        return packed_linear(silu_and_mul(packed_linear(x, w13)), w2)
+
+    def pack_for_cpu(self) -> None:
+        """Prepack each expert's weights for oneDNN and drop the dense copies (one-way)."""
+        self._packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.num_experts)]
+        if self.gate is not None:
+            self.gate = PackedLinear(self.gate.weight)
+        self.w13 = nn.Parameter(torch.empty(0, dtype=self.w13.dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(0, dtype=self.w2.dtype), requires_grad=False)

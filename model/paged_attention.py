@@ -41,22 +41,21 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query per sequence: q [S, H, Dh] over blocks [S, M] holding seq_lens [S] tokens.
 
-    Fixed shapes and no host sync: slots past a sequence's length (padding blocks, the free tail
-    of its last block) may hold anything, NaN included, so they are zeroed and masked rather
-    than trusted.
+    Fixed shapes and no host sync. Slots past a sequence's length (padding blocks, the free tail
+    of its last block) may hold anything, NaN included: their scores are masked (which replaces
+    NaN) and their values zeroed, so they contribute exactly nothing.
     """
     num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
     k = kv_cache[0][block_tables].flatten(1, 2)  # [S, L, K, Dh], L = M * B
     v = kv_cache[1][block_tables].flatten(1, 2)  # [S, L, K, Dh]
-    ctx = k.shape[1]
-    valid = torch.arange(ctx, device=q.device) < seq_lens[:, None]  # [S, L]
-    keep = valid[:, None, None, :]  # [S, 1, 1, L]
-    k = torch.where(valid[:, :, None, None], k, 0.0).transpose(1, 2)  # [S, K, L, Dh]
-    v = torch.where(valid[:, :, None, None], v, 0.0).transpose(1, 2)  # [S, K, L, Dh]
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=keep, scale=scale, enable_gqa=True
-    )  # [S, H, 1, Dh]
-    return out.view(num_seqs, num_heads, head_dim)
+    valid = torch.arange(k.shape[1], device=q.device) < seq_lens[:, None]  # [S, L]
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [S, K, G, Dh]
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [S, K, G, L]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)  # [S, K, G, L]
+    v = v.masked_fill(~valid[:, :, None, None], 0.0).transpose(1, 2)  # [S, K, L, Dh]
+    return torch.matmul(probs, v).view(num_seqs, num_heads, head_dim)
 
 
 def prefill_attention(

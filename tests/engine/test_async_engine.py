@@ -20,8 +20,9 @@ async def collect(engine: AsyncEngine, rid: str, prompt=PROMPT, params=None):
 
 def test_generate_streams_tokens_and_concurrent_requests_match_alone(hf_dir):
     async def main():
-        engine = AsyncEngine(make_engine(hf_dir))
+        engine = AsyncEngine(lambda: make_engine(hf_dir))
         engine.start()
+        await engine.wait_ready()
         alone = await collect(engine, "solo")
         together = await asyncio.gather(*(collect(engine, f"r{i}") for i in range(4)))
         await engine.shutdown()
@@ -36,8 +37,9 @@ def test_generate_streams_tokens_and_concurrent_requests_match_alone(hf_dir):
 
 def test_leaving_the_stream_aborts_and_frees_blocks(hf_dir):
     async def main():
-        engine = AsyncEngine(make_engine(hf_dir))
+        engine = AsyncEngine(lambda: make_engine(hf_dir))
         engine.start()
+        await engine.wait_ready()
         stream = engine.generate(PROMPT, greedy(200), "gone")
         async for _ in stream:
             break  # the client disconnects after the first token
@@ -57,8 +59,9 @@ def test_leaving_the_stream_aborts_and_frees_blocks(hf_dir):
 
 def test_rejected_request_raises_before_any_work(hf_dir):
     async def main():
-        engine = AsyncEngine(make_engine(hf_dir, max_model_len=32))
+        engine = AsyncEngine(lambda: make_engine(hf_dir, max_model_len=32))
         engine.start()
+        await engine.wait_ready()
         with pytest.raises(RequestRejected):
             await collect(engine, "long", prompt=list(range(1, 40)))
         ok = await collect(engine, "ok", prompt=[1, 2, 3], params=greedy(4))
@@ -70,8 +73,9 @@ def test_rejected_request_raises_before_any_work(hf_dir):
 
 def test_dead_loop_fails_every_waiter_promptly(hf_dir):
     async def main():
-        engine = AsyncEngine(make_engine(hf_dir))
+        engine = AsyncEngine(lambda: make_engine(hf_dir))
         engine.start()
+        await engine.wait_ready()
         calls = 0
 
         def die():
