@@ -3,10 +3,11 @@
     python bench/moe.py                     # small and Mixtral expert shapes, bf16, 2 threads
     python bench/moe.py --shapes small --dtype float32
 
-For each token count it checks that both give the same output, then times each (one warm-up,
+For each token count it checks that all give the same output, then times each (one warm-up,
 median of repeats) and prints milliseconds, achieved GFLOP/s (expert GEMMs + router) and the
-ratio. The baseline is `MixtralSparseMoeBlock` with `experts_implementation="eager"`: the loop
-over experts that transformers runs by default on CPU for this block.
+ratios. The baseline is `MixtralSparseMoeBlock` with `experts_implementation="eager"`: the loop
+over experts. "ours" is our grouped dispatch on plain weights; "packed" is the same with the
+oneDNN-prepacked weights the engine uses on CPU (`FeedForward.pack_for_cpu`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ SHAPES = {
     "small": Shape("small (PERFORMANCE.md)", 512, 1024, 8, 2, (1, 8, 32, 64, 512)),
     "mixtral": Shape("Mixtral 8x7B expert", 4096, 14336, 8, 2, (1, 8, 32, 128)),
 }
+
+
+def build_packed(ours: FeedForward, shape: Shape) -> FeedForward:
+    """A prepacked copy of `ours` (packing drops the dense weights, so it needs its own)."""
+    packed = FeedForward(shape.hidden, shape.ffn, shape.experts, shape.top_k).to(ours.w13.dtype)
+    with torch.no_grad():
+        packed.w13.copy_(ours.w13)
+        packed.w2.copy_(ours.w2)
+        packed.gate.weight.copy_(ours.gate.weight)
+    packed.pack_for_cpu()
+    return packed.eval()
 
 
 def build_pair(shape: Shape, dtype: torch.dtype) -> tuple[torch.nn.Module, FeedForward]:
@@ -85,20 +97,26 @@ def flops(shape: Shape, tokens: int) -> float:
 
 def run_shape(shape: Shape, dtype: torch.dtype, min_seconds: float) -> None:
     hf, ours = build_pair(shape, dtype)
+    packed = build_packed(ours, shape)
     experts = f"{shape.experts} experts, top-{shape.top_k}"
     print(f"\n## {shape.name}: hidden {shape.hidden}, ffn {shape.ffn}, {experts}")
-    print("| tokens | ours ms | HF ms | speed-up | ours GFLOP/s | HF GFLOP/s | max diff |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    header = (
+        "| tokens | HF ms | ours ms | packed ms | ours vs HF | packed vs HF | GFLOP/s HF/ours/packed | diff |"
+    )
+    print(header)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in shape.tokens:
         x = torch.randn(n, shape.hidden, dtype=dtype)
         with torch.inference_mode():
-            diff = (ours(x).float() - hf(x[None])[0].float()).abs().max().item()
-            t_ours = timed(lambda x=x: ours(x), min_seconds, 50)
+            ref = hf(x[None])[0].float()
+            diff = max((m(x).float() - ref).abs().max().item() for m in (ours, packed))
             t_hf = timed(lambda x=x: hf(x[None]), min_seconds, 50)
-        f = flops(shape, n)
+            t_ours = timed(lambda x=x: ours(x), min_seconds, 50)
+            t_packed = timed(lambda x=x: packed(x), min_seconds, 50)
+        gflops = " / ".join(f"{flops(shape, n) / t / 1e9:.0f}" for t in (t_hf, t_ours, t_packed))
         print(
-            f"| {n} | {t_ours * 1e3:.2f} | {t_hf * 1e3:.2f} | {t_hf / t_ours:.2f}x | "
-            f"{f / t_ours / 1e9:.1f} | {f / t_hf / 1e9:.1f} | {diff:.2e} |",
+            f"| {n} | {t_hf * 1e3:.2f} | {t_ours * 1e3:.2f} | {t_packed * 1e3:.2f} | {t_hf / t_ours:.2f}x | "
+            f"{t_hf / t_packed:.2f}x | {gflops} | {diff:.1e} |",
             flush=True,
         )
 

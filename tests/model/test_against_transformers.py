@@ -91,3 +91,13 @@ def test_mixed_batch_of_decodes_and_chunks_matches_separate_runs(hf_dir):
     ]
     for got, ref in zip(out, alone, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_cpu_prepacked_weights_give_the_same_logits(oracle, hf_dir):
+    model = load_model(hf_dir, dtype="float32")
+    plain = PagedHarness(model, block_size=5).prefill(PROMPTS)
+    assert model.pack_for_cpu()
+    packed = PagedHarness(model, block_size=5).prefill(PROMPTS)
+    for prompt, got, ref in zip(PROMPTS, packed, plain, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, oracle_logits(oracle, prompt), atol=1e-4, rtol=0)

@@ -1,0 +1,100 @@
+"""Where one engine step's time goes, at a given decode batch size (small checkpoint, bf16, CPU).
+
+    python -m bench.profile_step --batch 1
+
+Prints the wall time per step split into scheduler, batch building, model forward, logits,
+sampling and post-processing, then the torch operators that take the most CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import profile
+
+from bench.small_checkpoint import write_small_checkpoint
+from engine.config import EngineConfig
+from engine.llm_engine import Engine
+from engine.sampling_params import SamplingParams
+from model.loader import load_model
+from tokenization.loader import load_prompt_encoder
+
+PHASES = {
+    "scheduler.schedule": ("scheduler", "schedule"),
+    "scheduler.update": ("scheduler", "update"),
+    "batch build": ("builder", "build"),
+    "model forward": ("model", "forward"),
+    "logits (lm_head)": ("model", "compute_logits"),
+    "sampler": ("runner", "sampler"),
+    "detokenize + outputs": ("engine", "_postprocess"),
+}
+
+
+def build_engine(path: Path, batch: int) -> Engine:
+    config = EngineConfig(
+        max_model_len=512, num_kv_blocks=batch * 32 + 8, block_size=16, max_num_seqs=max(batch, 1),
+        max_num_batched_tokens=max(512, batch * 64), enable_prefix_caching=False,
+    )  # fmt: skip
+    engine = Engine(load_model(path, dtype="bfloat16"), config, load_prompt_encoder(path), eos_token_id=2)
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", [1] + [rng.randrange(100, 31000) for _ in range(63)], params)
+    for _ in range(6):  # the prefill, then a few decode steps to warm up
+        engine.step()
+    return engine
+
+
+def time_phases(engine: Engine, steps: int) -> tuple[float, dict[str, float]]:
+    owners = {
+        "scheduler": engine.scheduler, "builder": engine.runner.builder, "model": engine.runner.model,
+        "runner": engine.runner, "engine": engine,
+    }  # fmt: skip
+    spent: dict[str, float] = collections.defaultdict(float)
+    for label, (owner, name) in PHASES.items():
+        obj = owners[owner]
+        original = getattr(obj, name)
+
+        def timed(*args, _f=original, _label=label, **kwargs):
+            t = time.perf_counter()
+            result = _f(*args, **kwargs)
+            spent[_label] += time.perf_counter() - t
+            return result
+
+        setattr(obj, name, timed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return (time.perf_counter() - start) / steps, {k: v / steps for k, v in spent.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = build_engine(write_small_checkpoint(Path(tmp) / "small"), args.batch)
+        with profile() as prof:
+            for _ in range(10):
+                engine.step()
+        step, phases = time_phases(engine, args.steps)
+    print(f"# decode step at batch {args.batch}: {step * 1e3:.2f} ms ({args.batch / step:.0f} tok/s)")
+    print("\n| phase | ms per step |\n|---|---:|")
+    for label, seconds in phases.items():
+        print(f"| {label} | {seconds * 1e3:.2f} |")
+    print(f"| (rest: Python between phases) | {(step - sum(phases.values())) * 1e3:.2f} |")
+    print("\nTop operators (torch profiler, 10 steps; profiler overhead inflates small ops):\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
