@@ -52,7 +52,7 @@ def _is_mistral_layout(model_dir: Path) -> bool:
     return read_json(model_dir / CONFIG_JSON).get("model_type") in MISTRAL_MODEL_TYPES
 
 
-def load_prompt_encoder(model_dir: Path, mode: TokenizerMode = "auto") -> PromptEncoder:
+def load_prompt_encoder(model_dir: str | Path, mode: TokenizerMode = "auto") -> PromptEncoder:
     """Load the prompt encoder for `model_dir`.
 
     With `mode="auto"`, a plain `tokenizer.model` whose vocabulary is not v1's falls back to
@@ -61,6 +61,7 @@ def load_prompt_encoder(model_dir: Path, mode: TokenizerMode = "auto") -> Prompt
     Raises:
         TokenizerNotFoundError: when the directory holds no usable tokenizer.
     """
+    model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise TokenizerNotFoundError(f"{model_dir} is not a directory")
     if mode == "hf":
