@@ -44,6 +44,15 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    num_preemptions: int
+    num_steps: int
+
+
 class EngineNotReadyError(RuntimeError):
     """The engine is still loading weights or warming up."""
 
@@ -80,6 +89,20 @@ class AsyncEngine:
     @property
     def num_active_requests(self) -> int:
         return len(self._queues)
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics (read without locking: each field is one atomic read)."""
+        engine = self.engine
+        if engine is None:
+            return EngineStats(0, 0, 0.0, 0, 0)
+        sched = engine.scheduler
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_cache_usage=sched.blocks.usage,
+            num_preemptions=sched.num_preemptions,
+            num_steps=engine.num_steps,
+        )
 
     def start(self) -> None:
         """Start the engine thread; call from the event loop that will call `generate`."""

@@ -1,0 +1,30 @@
+"""The FastAPI application, assembled from injected parts: `create_app(state, settings)`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from server.errors import install_error_handlers
+from server.middleware import ApiKeyAuth, BodyLimit, JsonContentType, RequestContext
+from server.routes import chat, completions, health, metrics, models, tokenize
+from server.settings import ServerSettings
+from server.state import AppState
+
+
+def create_app(state: AppState, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="mixtral-server", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.mixtral = state
+    for module in (chat, completions, models, tokenize, health, metrics):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    # Outermost last: the request id wraps everything, so even a 401 or 413 carries one.
+    app.add_middleware(JsonContentType)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_headers=["*"], allow_methods=["*"]
+        )
+    app.add_middleware(RequestContext)
+    return app

@@ -1,0 +1,148 @@
+"""Typed API errors and the one place that turns every failure into a status code and a short body.
+
+Body: `{"error": {"message", "type", "param", "code"}}` (what `openai` reads); validation errors
+also carry FastAPI's `detail` list (what the Mistral SDKs model). Messages are capped so a huge
+bad field never makes a huge response, and nothing internal (tracebacks, paths) leaks out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_engine import EngineNotReadyError
+from engine.outputs import EngineDeadError, RequestRejected
+from engine.sampling_params import InvalidSamplingParams
+from tokenization.errors import InvalidConversationError
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_CHARS = 500
+# Fields whose wrong type is a bad value (400, RELIABILITY.md item 8) rather than a bad shape (422).
+SCALAR_PARAMS = frozenset(
+    {
+        "max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p",
+        "presence_penalty", "frequency_penalty", "repetition_penalty", "n", "random_seed", "seed",
+        "top_logprobs", "logprobs", "best_of",
+    }
+)  # fmt: skip
+
+
+class APIError(Exception):
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers: dict[str, str] = {}
+
+
+class BadRequest(APIError):
+    pass
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "authentication_error"
+
+    def __init__(self, message: str = "Invalid or missing API key") -> None:
+        super().__init__(message, code="invalid_api_key")
+        self.headers = {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(APIError):
+    status = 404
+    type = "not_found_error"
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "service_unavailable"
+
+    def __init__(self, message: str, code: str, retry_after: int = 5) -> None:
+        super().__init__(message, code=code)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class Overloaded(APIError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, code="overloaded")
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def to_api_error(exc: Exception) -> APIError:
+    """Map the engine's and tokenizer's typed errors to API errors."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidSamplingParams):
+        return BadRequest(str(exc), param=exc.param)
+    if isinstance(exc, InvalidConversationError):
+        param = "messages" if exc.index is None else f"messages[{exc.index}]"
+        return BadRequest(str(exc), param=param, code="invalid_conversation")
+    if isinstance(exc, RequestRejected):
+        return BadRequest(str(exc), param="messages", code=exc.code)
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailable("The engine stopped; the server is restarting", "engine_dead")
+    if isinstance(exc, EngineNotReadyError):
+        return ServiceUnavailable("The model is still loading", "not_ready")
+    logger.error("unexpected error: %s: %s", type(exc).__name__, exc)
+    error = APIError("Internal server error", code="internal_error")
+    error.status, error.type = 500, "internal_error"
+    return error
+
+
+def api_error_response(exc: Exception) -> JSONResponse:
+    err = to_api_error(exc)
+    return JSONResponse(
+        error_body(err.message, err.type, err.param, err.code), err.status, headers=err.headers
+    )
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    detail = [
+        {"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:200]}
+        for e in exc.errors()[:10]
+    ]
+    fields = [e["loc"][1] for e in detail if len(e["loc"]) > 1 and e["loc"][0] == "body"]
+    first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+    param = ".".join(str(p) for p in first["loc"][1:]) or None
+    unparsable = any(e["type"] == "json_invalid" or e["loc"] == ["body"] for e in detail)
+    status = 400 if unparsable or (fields and all(f in SCALAR_PARAMS for f in fields)) else 422
+    body = error_body(f"{param or 'body'}: {first['msg']}", "invalid_request_error", param, "invalid_value")
+    body["detail"] = detail
+    return JSONResponse(body, status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return api_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), type_), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return api_error_response(exc)

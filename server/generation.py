@@ -1,0 +1,93 @@
+"""Driving one request through the engine from a route: collecting, streaming, disconnects.
+
+A client that goes away aborts its generation: a streaming response's generator is cancelled by
+sse-starlette; a non-streaming request is watched for `http.disconnect` while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from engine.outputs import Logprob, RequestOutput
+from engine.request import FinishReason
+from engine.sampling_params import SamplingParams
+from server.state import EngineClient
+
+_DISCONNECT_POLL_S = 0.25
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def finish_reason(reason: FinishReason | None) -> str | None:
+    """API names; the context window also reports `length` (API.md: never `model_length`)."""
+    if reason is None:
+        return None
+    return {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}.get(reason, "error")
+
+
+@dataclass
+class ChoiceResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_logprobs: tuple[Logprob | None, ...] | None = None
+
+
+@dataclass
+class Collected:
+    choices: list[ChoiceResult]
+    prompt_tokens: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)
+
+
+async def collect(
+    request: Request,
+    engine: EngineClient,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    request_id: str,
+    context_ids: list[int],
+) -> Collected:
+    """Run a request to completion, aborting it if the client disconnects first."""
+    result = Collected([ChoiceResult() for _ in range(params.n)], len(prompt_ids))
+
+    async def consume() -> None:
+        async for out in engine.generate(prompt_ids, params, request_id, context_ids):
+            add_output(result.choices[out.index], out)
+
+    task = asyncio.create_task(consume())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()  # leaving `generate` aborts the request in the engine
+                raise ClientDisconnected()
+        task.result()  # re-raise what the engine raised
+        return result
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def add_output(choice: ChoiceResult, out: RequestOutput) -> None:
+    choice.text += out.new_text
+    choice.token_ids.extend(out.new_token_ids)
+    choice.logprobs.extend(out.logprobs)
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs
+    if out.finished:
+        choice.finish_reason = finish_reason(out.finish_reason)
+        if out.error is not None:
+            choice.finish_reason = "error"

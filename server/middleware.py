@@ -1,0 +1,162 @@
+"""ASGI middleware: request ids and access logs, API keys, body limits.
+
+Pure ASGI (not `BaseHTTPMiddleware`) so streaming responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import error_body
+
+access_log = logging.getLogger("mixtral_server.access")
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+_REQUEST_ID_MAX = 128
+
+
+async def _send_json(
+    send: Send, status: int, body: dict, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    raw = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw})
+
+
+class RequestContext:
+    """`X-Request-Id` on every response (echoed or generated) and one structured access-log line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")[:_REQUEST_ID_MAX]
+        request_id = given if given and given.isprintable() else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.monotonic()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access_log.info(
+                json.dumps(
+                    {
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"][:200],
+                        "status": status,
+                        "duration_ms": round((time.monotonic() - start) * 1e3, 1),
+                    }
+                )
+            )
+
+
+class ApiKeyAuth:
+    """Bearer keys on everything but liveness and readiness; constant-time comparison.
+
+    The check runs on the normalised path Starlette routes on, so `//v1/...`, dot segments,
+    `%2F` or a trailing slash cannot reach a route without a key: anything not in OPEN_PATHS,
+    exactly, needs one.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        ok = scheme.lower() == b"bearer" and any(hmac.compare_digest(token.strip(), k) for k in self.keys)
+        if not ok:
+            body = error_body("Invalid or missing API key", "authentication_error", None, "invalid_api_key")
+            return await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for bodies over `max_bytes`, from Content-Length or while streaming, without reading it all."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _send_json(send, 413, self._body())
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await _send_json(send, 413, self._body())
+
+    def _body(self) -> dict:
+        return error_body(
+            f"Request body larger than {self.max_bytes} bytes", "invalid_request_error", None, "too_large"
+        )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class JsonContentType:
+    """415 for a POST whose declared content type is not JSON (a missing one is read as JSON)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            ctype = dict(scope["headers"]).get(b"content-type", b"application/json").split(b";")[0].strip()
+            if ctype.lower() not in (b"application/json", b""):
+                message = "Content-Type must be application/json"
+                return await _send_json(
+                    send, 415, error_body(message, "invalid_request_error", None, "unsupported_media_type")
+                )
+        await self.app(scope, receive, send)

@@ -1,0 +1,32 @@
+"""Liveness and readiness: open without an API key (RELIABILITY.md items 15-17, 20)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from server.deps import get_state
+from server.state import AppState
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+    """200 while the process runs and the engine loop is alive (or still loading)."""
+    dead = getattr(state.engine, "dead_error", None)
+    if dead is not None:
+        return JSONResponse({"status": "dead", "error": str(dead)[:200]}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
+    """200 once weights are loaded and a warm-up forward succeeded; 503 before, and when draining."""
+    if state.shutting_down:
+        return JSONResponse({"status": "shutting_down"}, 503)
+    if not state.engine.is_ready:
+        return JSONResponse({"status": "loading"}, 503)
+    return JSONResponse({"status": "ready", "model": state.model.name})

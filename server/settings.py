@@ -1,0 +1,84 @@
+"""Server configuration: defaults < YAML file (`--config`) < `MIXTRAL_*` environment < CLI flags.
+
+Parsed and validated once into a frozen `ServerSettings`; nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "MIXTRAL_"
+
+
+class ServerSettings(BaseSettings):
+    """Every setting of the server; YAML keys and `MIXTRAL_<NAME>` variables use these names."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    model: str | None = None  # checkpoint directory; None serves the demo model
+    served_model_name: list[str] = Field(default_factory=list)  # first is the id; the rest aliases
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: list[str] = Field(default_factory=list)
+    dtype: str | None = None  # default: the checkpoint's
+    device: str = "cpu"
+    max_model_len: int | None = None  # default: the checkpoint's context, capped by the KV pool
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    default_temperature: float = 0.7
+    max_body_bytes: int = 2 * 1024 * 1024
+    cors_origins: list[str] = Field(default_factory=list)
+    max_waiting_requests: int = 256
+    drain_timeout_s: float = 30.0
+    log_level: str = "info"
+    seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("device must be cpu, cuda or cuda:N")
+        return value
+
+    @property
+    def api_keys(self) -> list[str]:
+        return list(self.api_key)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (CLI flags and the YAML file, merged by `load_settings`) above the environment:
+        # the YAML layer is inserted below the environment there.
+        return init_settings, env_settings
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(flags: dict[str, Any], config: Path | None = None) -> ServerSettings:
+    """Merge defaults, YAML, environment and flags (`None` flags are unset) into settings."""
+    layered: dict[str, Any] = read_yaml(config) if config else {}
+    for name in [k for k in layered if f"{ENV_PREFIX}{k.upper()}" in os.environ]:
+        del layered[name]  # the environment beats the YAML file
+    layered |= {k: v for k, v in flags.items() if v is not None and v != []}
+    return ServerSettings(**layered)
