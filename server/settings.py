@@ -33,7 +33,6 @@ class ServerSettings(BaseSettings):
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
-    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     default_temperature: float = 0.7
     max_body_bytes: int = 2 * 1024 * 1024
