@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,7 +52,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, Path | None]:
     return args, args.pop("config")
 
 
-def served_model(settings: ServerSettings, model_dir: Path) -> ServedModel:
+DEMOS = {
+    "demo": ("dense", "SmolLM2-135M-Instruct (demo model: a small real chat model, not Mixtral)"),
+    "demo-moe": ("moe", "SmolLM2-135M-Instruct upcycled to 8 experts, top-2 (MoE path demo, not Mixtral)"),
+}
+
+
+def resolve_model(settings: ServerSettings) -> tuple[Path, str | None]:
+    """The checkpoint directory, converting the demo model first when asked for (or by default).
+
+    The conversion runs in a child process so this process's threads never touch torch before
+    the engine thread does (see engine/async_engine.py).
+    """
+    name = settings.model or "demo"
+    if name not in DEMOS:
+        return Path(name), None
+    kind, description = DEMOS[name]
+    done = subprocess.run([sys.executable, "-m", "model.demo", kind], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"mixtral-server: could not prepare the demo model:\n{done.stderr.strip()[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1]), description
+
+
+def served_model(settings: ServerSettings, model_dir: Path, description: str | None) -> ServedModel:
     names = settings.served_model_name or [model_dir.name]
     return ServedModel(
         name=names[0],
@@ -59,7 +82,7 @@ def served_model(settings: ServerSettings, model_dir: Path) -> ServedModel:
         encoder=load_prompt_encoder(model_dir),
         max_model_len=settings.max_model_len or 0,  # replaced once the engine knows its pool size
         default_temperature=settings.default_temperature,
-        description=f"{names[0]} served by mixtral-server from {model_dir.name}",
+        description=description or f"{names[0]} served by mixtral-server from {model_dir.name}",
     )
 
 
@@ -104,10 +127,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def build_app(settings: ServerSettings):
-    if settings.model is None:
-        raise SystemExit("mixtral-server: --model is required (a checkpoint directory)")
-    model_dir = Path(settings.model)
-    model = served_model(settings, model_dir)
+    model_dir, description = resolve_model(settings)
+    model = served_model(settings, model_dir, description)
     spec = EngineSpec(
         model_dir=model_dir,
         dtype=settings.dtype,
@@ -158,10 +179,11 @@ async def announce(state: AppState, settings: ServerSettings, info: dict[str, En
         **{**state.model.__dict__, "max_model_len": built.config.max_model_len}
     )
     logger.info(
-        "serving %s%s on http://%s:%d (%s, %s): weights %.2f GiB, KV cache %.2f GiB (%d tokens), "
+        "serving %s%s [%s] on http://%s:%d (%s, %s): weights %.2f GiB, KV cache %.2f GiB (%d tokens), "
         "context %d tokens, loaded in %.1f s",
         state.model.name,
         f" (aliases: {', '.join(state.model.aliases)})" if state.model.aliases else "",
+        state.model.description,
         settings.host, settings.port, settings.device, settings.dtype or "checkpoint dtype",
         i.weights_bytes / _GIB, i.kv_cache_bytes / _GIB, i.kv_tokens, i.max_model_len, i.load_seconds,
     )  # fmt: skip
