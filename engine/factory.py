@@ -11,7 +11,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import Engine
+from engine.memory import check_fits, device_memory_bytes, plan_memory
 from engine.sampling_params import SamplingParams
+from model.config import load_config, normalize_dtype_name
 from model.loader import ProgressFn, load_model
 from model.mixtral import kv_cache_bytes_per_token
 from tokenization.prompt_encoder import PromptEncoder
@@ -49,6 +51,7 @@ def build_engine(
 ) -> tuple[Engine, EngineInfo]:
     """Load the checkpoint, size the KV pool from `kv_cache_bytes`, and run a warm-up request."""
     start = time.monotonic()
+    check_memory(spec)
     model = load_model(spec.model_dir, spec.dtype, spec.device, spec.max_model_len, progress)
     dtype = model.embed_tokens.weight.dtype
     per_block = kv_cache_bytes_per_token(model.config, dtype) * spec.block_size
@@ -69,6 +72,15 @@ def build_engine(
         weights, num_blocks * per_block, num_blocks * spec.block_size, max_len, time.monotonic() - start
     )
     return engine, info
+
+
+def check_memory(spec: EngineSpec) -> None:
+    """Refuse before loading when weights + the KV pool cannot fit the device."""
+    config = load_config(spec.model_dir, spec.max_model_len)
+    dtype = getattr(torch, normalize_dtype_name(spec.dtype or config.checkpoint_dtype))
+    max_len = spec.max_model_len or config.max_position_embeddings
+    plan = plan_memory(config, dtype, max_len, spec.kv_cache_bytes, device_memory_bytes(spec.device))
+    check_fits(plan, spec.device, dtype)
 
 
 def warm_up(engine: Engine, encoder: PromptEncoder) -> None:

@@ -1,0 +1,62 @@
+"""Will it fit? Weights plus a minimum KV cache against the device's memory, checked before loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ModelConfig
+
+_GB = 1e9
+# Room kept for activations, MoE intermediates, logits and (on GPU) the CUDA context.
+_OVERHEAD_FRACTION = 0.08
+
+
+class InsufficientMemoryError(RuntimeError):
+    """The configuration cannot fit the device; the message says what would."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    weights_bytes: int
+    min_kv_bytes: int  # one full-length sequence
+    kv_bytes: int  # the configured pool
+    device_bytes: int
+
+    @property
+    def needed_bytes(self) -> int:
+        return int((self.weights_bytes + max(self.min_kv_bytes, self.kv_bytes)) * (1 + _OVERHEAD_FRACTION))
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of a CUDA device, or the memory available to this process on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[1]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read available memory")
+
+
+def plan_memory(
+    config: ModelConfig, dtype: torch.dtype, max_model_len: int, kv_bytes: int, device_bytes: int
+) -> MemoryPlan:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
+    return MemoryPlan(config.num_parameters() * itemsize, max_model_len * per_token, kv_bytes, device_bytes)
+
+
+def check_fits(plan: MemoryPlan, device: str, dtype: torch.dtype) -> None:
+    """Raise `InsufficientMemoryError` when weights + KV cache (+ margin) exceed the device."""
+    if plan.needed_bytes <= plan.device_bytes:
+        return
+    raise InsufficientMemoryError(
+        f"does not fit {device}: {plan.weights_bytes / _GB:.1f} GB of {str(dtype).removeprefix('torch.')} "
+        f"weights + {max(plan.min_kv_bytes, plan.kv_bytes) / _GB:.1f} GB of KV cache "
+        f"+ {_OVERHEAD_FRACTION:.0%} margin = {plan.needed_bytes / _GB:.1f} GB, but the device has "
+        f"{plan.device_bytes / _GB:.1f} GB. Use a larger device (Mixtral 8x7B in bf16 needs one "
+        "141 GB H200), a shorter max_model_len / smaller kv_cache_memory_gb, or (planned) 8-bit "
+        "experts or tensor parallelism."
+    )

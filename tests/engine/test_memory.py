@@ -1,0 +1,41 @@
+"""The memory check refuses configurations that cannot fit, before loading anything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.memory import InsufficientMemoryError, check_fits, plan_memory
+from model.config import ModelConfig, MoEConfig
+
+MIXTRAL_8X7B = ModelConfig(
+    vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+    head_dim=128, rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=32768, moe=MoEConfig(8, 2),
+)  # fmt: skip
+GB = 1e9
+
+
+def test_mixtral_parameter_count_and_kv_size():
+    assert MIXTRAL_8X7B.num_parameters() == pytest.approx(46.7e9, rel=0.005)
+    plan = plan_memory(MIXTRAL_8X7B, torch.bfloat16, 1, 0, 0)
+    assert plan.min_kv_bytes == 128 * 1024  # 128 KiB per token in bf16
+    assert plan.weights_bytes / GB == pytest.approx(93.4, rel=0.005)
+
+
+def test_mixtral_bf16_refused_on_80gb_and_accepted_on_141gb():
+    on_h100 = plan_memory(MIXTRAL_8X7B, torch.bfloat16, 32768, int(10 * GB), int(80 * GB))
+    with pytest.raises(
+        InsufficientMemoryError, match=r"93\.4 GB of bfloat16 weights .* but the device has 80\.0 GB"
+    ):
+        check_fits(on_h100, "cuda:0", torch.bfloat16)
+    check_fits(
+        plan_memory(MIXTRAL_8X7B, torch.bfloat16, 32768, int(30 * GB), int(141 * GB)),
+        "cuda:0",
+        torch.bfloat16,
+    )
+
+
+def test_kv_pool_larger_than_what_is_left_is_refused():
+    plan = plan_memory(MIXTRAL_8X7B, torch.bfloat16, 4096, int(60 * GB), int(141 * GB))
+    with pytest.raises(InsufficientMemoryError, match="60.0 GB of KV cache"):
+        check_fits(plan, "cuda:0", torch.bfloat16)
