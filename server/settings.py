@@ -5,15 +5,29 @@ Parsed and validated once into a frozen `ServerSettings`; nothing reads the envi
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BeforeValidator, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "MIXTRAL_"
+
+
+def _split(value: Any) -> Any:
+    """`MIXTRAL_API_KEY=a,b` (or a JSON list) from the environment; lists pass through."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_split)]
 
 
 class ServerSettings(BaseSettings):
@@ -22,10 +36,10 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     model: str | None = None  # checkpoint directory; None serves the demo model
-    served_model_name: list[str] = Field(default_factory=list)  # first is the id; the rest aliases
+    served_model_name: StrList = Field(default_factory=list)  # first is the id; the rest aliases
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: list[str] = Field(default_factory=list)
+    api_key: StrList = Field(default_factory=list)
     dtype: str | None = None  # default: the checkpoint's
     device: str = "cpu"
     max_model_len: int | None = None  # default: the checkpoint's context, capped by the KV pool
@@ -36,7 +50,7 @@ class ServerSettings(BaseSettings):
     enable_prefix_caching: bool = True
     default_temperature: float = 0.7
     max_body_bytes: int = 2 * 1024 * 1024
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: StrList = Field(default_factory=list)
     max_waiting_requests: int = 256
     drain_timeout_s: float = 30.0
     log_level: str = "info"

@@ -38,3 +38,12 @@ def test_settings_are_frozen():
     s = load_settings({})
     with pytest.raises(ValidationError):
         s.port = 1
+
+
+def test_list_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MIXTRAL_API_KEY", "k1, k2")
+    monkeypatch.setenv("MIXTRAL_SERVED_MODEL_NAME", '["mixtral", "open-mixtral-8x7b"]')
+    s = load_settings({})
+    assert s.api_keys == ["k1", "k2"] and s.served_model_name == ["mixtral", "open-mixtral-8x7b"]
+    monkeypatch.setenv("MIXTRAL_API_KEY", "")  # compose passes an empty value when no key is set
+    assert load_settings({}).api_keys == []

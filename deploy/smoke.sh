@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Container smoke test: build the image with podman from a Debian bookworm base made locally
+# (debootstrap + `podman import`: no registry needed), run the CPU variant serving the demo
+# model, and check /health, /ready and one chat completion on 127.0.0.1.
+#
+#   sudo deploy/smoke.sh            # about 3-5 minutes cold; the base image is reused afterwards
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${SMOKE_WORK:-/tmp/mixtral-smoke}
+PORT=${SMOKE_PORT:-18080}
+BASE=localhost/mixtral-smoke-base:bookworm
+IMAGE=localhost/mixtral-server:cpu-smoke
+NAME=mixtral-smoke
+log() { printf '[smoke %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+for tool in podman runc debootstrap curl; do
+    if ! command -v "$tool" >/dev/null; then
+        log "installing podman, runc, debootstrap, curl"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap curl
+        break
+    fi
+done
+
+mkdir -p "$WORK"
+# Debian's crun refuses this machine's hybrid cgroup layout, and raising rlimits is not allowed.
+cat > "$WORK/containers.conf" <<'CONF'
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=20000:20000"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+CONF
+export CONTAINERS_CONF="$WORK/containers.conf"
+
+if ! podman image exists "$BASE"; then
+    log "debootstrap bookworm (python3, venv, CA certificates)"
+    rm -rf "$WORK/rootfs"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log"
+    # Outbound TLS goes through a proxy whose CA the host trusts: the image must trust it too.
+    cp /usr/local/share/ca-certificates/*.crt "$WORK/rootfs/usr/local/share/ca-certificates/" 2>/dev/null || true
+    chroot "$WORK/rootfs" update-ca-certificates >/dev/null
+    tar -C "$WORK/rootfs" -c . | podman import - "$BASE" >/dev/null
+fi
+
+# The CPU torch wheel this machine keeps on disk; elsewhere pip fetches TORCH_SPEC itself.
+cp /opt/wheels/torch-2.13.0+cpu-*.whl deploy/wheels/ 2>/dev/null || true
+log "building $IMAGE"
+podman build --quiet --network host \
+    --build-arg BASE_IMAGE="$BASE" \
+    --build-arg TORCH_SPEC=torch==2.13.0 \
+    --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    -t "$IMAGE" . >"$WORK/build.log"
+
+cleanup() { podman rm -f "$NAME" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+cleanup
+log "running $IMAGE on 127.0.0.1:$PORT"
+podman run -d --name "$NAME" --network host -e MIXTRAL_HOST=127.0.0.1 -e MIXTRAL_PORT="$PORT" "$IMAGE" >/dev/null
+
+for _ in $(seq 1 300); do
+    if curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1; then break; fi
+    if [ "$(podman inspect -f '{{.State.Running}}' "$NAME")" != "true" ]; then
+        podman logs "$NAME" | tail -30; log "FAIL: the container exited"; exit 1
+    fi
+    sleep 1
+done
+curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null
+log "ready; asking the demo model a question"
+reply=$(curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H "Content-Type: application/json" \
+    -d '{"model": "demo", "temperature": 0, "max_tokens": 24,
+         "messages": [{"role": "user", "content": "What is the capital of France?"}]}')
+echo "$reply"
+podman logs "$NAME" 2>&1 | grep -m1 "serving " || true
+if echo "$reply" | grep -q 'Paris'; then log "PASS"; else log "FAIL: no Paris in the reply"; exit 1; fi
