@@ -47,7 +47,7 @@ fi
 # The CPU torch wheel this machine keeps on disk; elsewhere pip fetches TORCH_SPEC itself.
 cp /opt/wheels/torch-2.13.0+cpu-*.whl deploy/wheels/ 2>/dev/null || true
 log "building $IMAGE"
-podman build --quiet --network host \
+podman build --quiet --network host --format docker \
     --build-arg BASE_IMAGE="$BASE" \
     --build-arg TORCH_SPEC=torch==2.13.0 \
     --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
