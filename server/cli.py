@@ -21,6 +21,7 @@ import uvicorn
 from engine.async_engine import AsyncEngine
 from engine.factory import EngineInfo, EngineSpec, build_engine
 from server.app import create_app
+from server.metrics import MeteredEngine, Metrics
 from server.settings import ServerSettings, load_settings
 from server.state import AppState, ServedModel
 from tokenization import load_prompt_encoder
@@ -148,9 +149,9 @@ def build_app(settings: ServerSettings):
         return engine
 
     engine = AsyncEngine(build)
-    state = AppState(
-        model=model, engine=engine, max_active_requests=settings.max_num_seqs + settings.max_waiting_requests
-    )
+    metered = MeteredEngine(engine, Metrics(engine))  # every request is measured here
+    limit = settings.max_num_seqs + settings.max_waiting_requests
+    state = AppState(model=model, engine=metered, max_active_requests=limit)
     app = create_app(state, settings)
 
     @contextlib.asynccontextmanager
