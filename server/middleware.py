@@ -107,7 +107,11 @@ class ApiKeyAuth:
 
 
 class BodyLimit:
-    """413 for bodies over `max_bytes`, from Content-Length or while streaming, without reading it all."""
+    """413 for bodies over `max_bytes`, without reading more than that.
+
+    A declared Content-Length is checked up front; a body without one (chunked) is buffered up
+    to the limit before the app sees it, then replayed.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -117,32 +121,32 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_json(send, 413, self._body())
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                return await _send_json(send, 413, self._body())
+            return await self.app(scope, receive, send)
+        buffered: list[Message] = []
         seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                return await _send_json(send, 413, self._body())
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await _send_json(send, 413, self._body())
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
 
     def _body(self) -> dict:
         return error_body(
             f"Request body larger than {self.max_bytes} bytes", "invalid_request_error", None, "too_large"
         )
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class JsonContentType:
