@@ -24,7 +24,7 @@ def check_error(r: httpx.Response, status: int, needle: str | None = None) -> di
     assert r.status_code == status, r.text[:500]
     assert len(r.content) < 2048
     body = r.json()  # the error body itself serializes
-    message = body["error"]["message"]
+    assert body["error"]["message"] and body["error"]["type"]
     for leak in ("Traceback", "/work/", ".py", " 0x"):
         assert leak not in r.text, leak
     if needle:
