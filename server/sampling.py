@@ -40,31 +40,41 @@ def _max_tokens(requested: int | None, prompt_len: int, model: ServedModel) -> i
     return requested
 
 
+def _common(
+    req: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int | None,
+    prompt_len: int,
+    model: ServedModel,
+) -> dict:
+    """The fields both endpoints share, with API defaults and Mistral/OpenAI aliases resolved."""
+    return {
+        "n": req.n,
+        "temperature": model.default_temperature if req.temperature is None else req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k or 0,
+        "min_p": req.min_p or 0.0,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": 1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        "logit_bias": _logit_bias(req.logit_bias),
+        "seed": req.seed if req.seed is not None else req.random_seed,
+        "max_tokens": _max_tokens(max_tokens, prompt_len, model),
+        "min_tokens": req.min_tokens or 0,
+        "stop": _stop(req.stop),
+        "ignore_eos": req.ignore_eos,
+    }
+
+
 def chat_sampling_params(req: ChatCompletionRequest, prompt_len: int, model: ServedModel) -> SamplingParams:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    seed = req.seed if req.seed is not None else req.random_seed
     logprobs = None
     if req.logprobs:
         logprobs = req.top_logprobs or 0
     elif req.top_logprobs:
         raise BadRequest("top_logprobs requires logprobs: true", param="top_logprobs")
+    end_of_turn = tuple(t for t in model.encoder.stop_token_ids if t != model.encoder.eos_id)
     return _build(
-        n=req.n,
-        temperature=model.default_temperature if req.temperature is None else req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        logit_bias=_logit_bias(req.logit_bias),
-        seed=seed,
-        max_tokens=_max_tokens(max_tokens, prompt_len, model),
-        min_tokens=req.min_tokens or 0,
-        stop=_stop(req.stop),
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-        stop_token_ids=tuple(t for t in model.encoder.stop_token_ids if t != model.encoder.eos_id),
+        **_common(req, max_tokens, prompt_len, model), logprobs=logprobs, stop_token_ids=end_of_turn
     )
 
 
@@ -73,25 +83,11 @@ def completion_sampling_params(req: CompletionRequest, prompt_len: int, model: S
         raise BadRequest("best_of other than n is not supported", param="best_of")
     if req.suffix:
         raise BadRequest("suffix (fill-in-the-middle) is not supported by this model", param="suffix")
-    seed = req.seed if req.seed is not None else req.random_seed
+    prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     return _build(
-        n=req.n,
-        temperature=model.default_temperature if req.temperature is None else req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        logit_bias=_logit_bias(req.logit_bias),
-        seed=seed,
-        max_tokens=_max_tokens(req.max_tokens, prompt_len, model),
-        min_tokens=req.min_tokens or 0,
-        stop=_stop(req.stop),
-        ignore_eos=req.ignore_eos,
+        **_common(req, req.max_tokens, prompt_len, model),
         logprobs=req.logprobs,
-        prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
-        skip_special_tokens=True,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
