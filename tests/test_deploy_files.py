@@ -1,0 +1,35 @@
+"""The deployment files: compose validates; the Dockerfile keeps its promises."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="apt-get install docker-compose")
+def test_compose_file_validates():
+    env = os.environ | {"MODEL_DIR": "/models/mixtral"}
+    done = subprocess.run(
+        ["docker-compose", "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    missing = os.environ.copy()
+    missing.pop("MODEL_DIR", None)
+    done = subprocess.run(
+        ["docker-compose", "config", "-q"], cwd=ROOT, env=missing, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "MODEL_DIR" in done.stderr  # the weights volume is required
+
+
+def test_dockerfile_runs_as_non_root_with_healthcheck_and_no_weights():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=" in text and "ARG TORCH_SPEC" in text
+    assert "\nUSER app\n" in text and "HEALTHCHECK" in text and "STOPSIGNAL SIGTERM" in text
+    assert "MIXTRAL_HOST=0.0.0.0" in text
+    assert ".safetensors" not in text and "COPY models" not in text
