@@ -91,7 +91,8 @@ class Scheduler:
             if request.wait_for is not None and not self._sibling_ready(request.wait_for):
                 skipped.append(request)  # n > 1: let the first choice cache the prompt
                 continue
-            cached = self.blocks.find_cached_prefix(request)
+            # Prompt logprobs need every prompt position computed, so such a request skips the cache.
+            cached = [] if request.params.prompt_logprobs is not None else self.blocks.find_cached_prefix(request)
             num_cached = len(cached) * self.config.block_size
             n = min(request.num_tokens - num_cached, budget)
             if not self.blocks.can_allocate(request, num_cached + n, cached):

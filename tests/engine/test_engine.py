@@ -174,3 +174,14 @@ def test_abort_frees_blocks_at_once(hf_dir):
     engine.abort("y")
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
     assert not engine.has_work
+
+
+def test_prompt_logprobs_are_complete_when_the_prefix_is_cached(hf_dir):
+    engine = make_engine(hf_dir, block_size=4)
+    p = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=1)
+    first = run(engine, {"a": (PROMPTS["d"], p)})[("a", 0)][0].prompt_logprobs
+    again = run(engine, {"b": (PROMPTS["d"], p)})[("b", 0)][0].prompt_logprobs
+    assert len(first) == len(again) == len(PROMPTS["d"])
+    assert [e.token_id for e in again[1:]] == PROMPTS["d"][1:]
+    for x, y in zip(first[1:], again[1:], strict=True):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
