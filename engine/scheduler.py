@@ -92,7 +92,8 @@ class Scheduler:
                 skipped.append(request)  # n > 1: let the first choice cache the prompt
                 continue
             # Prompt logprobs need every prompt position computed, so such a request skips the cache.
-            cached = [] if request.params.prompt_logprobs is not None else self.blocks.find_cached_prefix(request)
+            wants_prompt_logprobs = request.params.prompt_logprobs is not None
+            cached = [] if wants_prompt_logprobs else self.blocks.find_cached_prefix(request)
             num_cached = len(cached) * self.config.block_size
             n = min(request.num_tokens - num_cached, budget)
             if not self.blocks.can_allocate(request, num_cached + n, cached):
