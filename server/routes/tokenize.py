@@ -1,8 +1,16 @@
-"""POST /tokenize and POST /detokenize (as vLLM offers them): the exact ids a request would use."""
+"""POST /tokenize and POST /detokenize (as vLLM offers them): the exact ids a request would use.
+
+`messages` go through the chat route's own path (parse_messages, with_safe_prompt, encode_chat),
+so the ids are the ones `/v1/chat/completions` would send to the engine; `prompt` is plain text,
+encoded the way `/v1/completions` encodes a text prompt when `add_special_tokens` is true (BOS).
+Neither starts generation, so they stay open while the server is busy or draining.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -13,17 +21,29 @@ from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.state import AppState, ServedModel
 from tokenization import parse_messages, with_safe_prompt
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def _model(state: AppState, name: str | None) -> ServedModel:
+def served_model(state: AppState, name: str | None) -> ServedModel:
+    """The named model (404 if unknown), or the served one when no name is given."""
     return state.model if name is None else state.resolve(name)
+
+
+def check_token_ids(ids: Sequence[int], model: ServedModel, param: str = "tokens") -> None:
+    """400 naming the first id outside [0, vocab_size)."""
+    vocab = model.encoder.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise BadRequest(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
 
 
 @router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, state: Annotated[AppState, Depends(get_state)]) -> dict:
     """Text (`prompt`) or a chat (`messages`, with `safe_prompt`) -> the prompt ids the API would use."""
-    model = _model(state, req.model)
+    if unknown := req.unknown_fields():
+        logger.info("ignored unknown fields: %s", ", ".join(unknown[:20]))
+    model = served_model(state, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise BadRequest("give exactly one of `prompt` and `messages`", param="prompt")
     if req.messages is not None:
@@ -32,19 +52,13 @@ async def tokenize(req: TokenizeRequest, state: Annotated[AppState, Depends(get_
             messages = with_safe_prompt(messages)
         ids = await asyncio.to_thread(model.encoder.encode_chat, messages)
     else:
-        ids = model.encoder.encode_text(req.prompt or "", bos=req.add_special_tokens)
+        ids = await asyncio.to_thread(model.encoder.encode_text, req.prompt, req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
 
 @router.post("/detokenize")
 async def detokenize(req: DetokenizeRequest, state: Annotated[AppState, Depends(get_state)]) -> dict:
-    model = _model(state, req.model)
+    """Token ids -> text (special tokens dropped, as in generated text)."""
+    model = served_model(state, req.model)
     check_token_ids(req.tokens, model)
-    return {"prompt": model.encoder.decode(list(req.tokens))}
-
-
-def check_token_ids(ids: list[int], model: ServedModel) -> None:
-    vocab = model.encoder.vocab_size
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise BadRequest(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+    return {"prompt": await asyncio.to_thread(model.encoder.decode, list(req.tokens))}
