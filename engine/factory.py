@@ -77,6 +77,11 @@ def build_engine(
 def check_memory(spec: EngineSpec) -> None:
     """Refuse before loading when weights + the KV pool cannot fit the device."""
     config = load_config(spec.model_dir, spec.max_model_len)
+    if spec.max_model_len and spec.max_model_len > config.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len {spec.max_model_len} is longer than the checkpoint's context "
+            f"({config.max_position_embeddings} positions); rope scaling is not implemented"
+        )
     dtype = getattr(torch, normalize_dtype_name(spec.dtype or config.checkpoint_dtype))
     max_len = spec.max_model_len or config.max_position_embeddings
     plan = plan_memory(config, dtype, max_len, spec.kv_cache_bytes, device_memory_bytes(spec.device))

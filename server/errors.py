@@ -124,7 +124,10 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     param = ".".join(str(p) for p in first["loc"][1:]) or None
     unparsable = any(e["type"] == "json_invalid" or e["loc"] == ["body"] for e in detail)
     status = 400 if unparsable or (fields and all(f in SCALAR_PARAMS for f in fields)) else 422
-    body = error_body(f"{param or 'body'}: {first['msg']}", "invalid_request_error", param, "invalid_value")
+    message = f"{param or 'body'}: {first['msg']}"
+    if first.get("type") == "json_invalid":  # its loc is the byte offset, not a field
+        param, message = None, "Request body is not valid JSON"
+    body = error_body(message, "invalid_request_error", param, "invalid_value")
     body["detail"] = detail
     return JSONResponse(body, status)
 

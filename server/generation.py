@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -15,13 +16,20 @@ from fastapi import Request
 from engine.outputs import Logprob, RequestOutput
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
+from server.errors import APIError
 from server.state import EngineClient
 
 _DISCONNECT_POLL_S = 0.25
 
 
-class ClientDisconnected(Exception):
-    pass
+class ClientDisconnected(APIError):
+    """The client left before the answer: an expected outcome, not a server error (no traceback)."""
+
+    status = 499  # nginx's "client closed request"; nobody reads it, but the access log shows it
+    type = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the request", code="client_disconnected")
 
 
 def finish_reason(reason: FinishReason | None) -> str | None:
@@ -77,6 +85,26 @@ async def collect(
     finally:
         if not task.done():
             task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def first_output(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+    """The first output of a stream, aborting the request if the client leaves while it waits.
+
+    A stream's response starts only with its first token, and until then nothing else notices a
+    client that gives up (say, while the request is queued behind others).
+    """
+    task = asyncio.ensure_future(anext(outputs, None))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                raise ClientDisconnected()
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # cancels `generate` where it waits, which aborts the request
             with contextlib.suppress(BaseException):
                 await task
 

@@ -1,97 +1,131 @@
-"""Prometheus metrics with vLLM-like names, recorded by wrapping the engine client.
+"""Prometheus metrics with vLLM-like names (RELIABILITY.md item 23), recorded by wrapping the engine client.
 
 Every route's request passes through `MeteredEngine.generate`, so time to first token,
-inter-token latency, end-to-end latency, token counts and outcomes are measured in one place;
-engine gauges (running, waiting, KV usage, preemptions) are read at scrape time.
+inter-token latency, end-to-end latency, token counts and outcomes are measured in one place for
+chat and text completions, streaming or not. Engine gauges (running, waiting, KV usage,
+preemptions, steps) are read from `engine.stats()` at scrape time by a custom collector. Each
+`Metrics` owns its registry (never the global one), so several apps can live in one process.
+
+What is counted:
+- `request_success_total{finished_reason}`: one per choice when it ends: `stop`, `length`,
+  `error` (an error output, or the engine raising while serving it), `abort` (the caller left
+  before it finished: a client disconnect). A request refused before any work (400
+  `RequestRejected`) is not counted at all.
+- TTFT: from the call to `generate` to the first output carrying tokens; inter-token latency:
+  between consecutive token-carrying outputs of the same choice; end-to-end: from the call to the
+  last choice's final output (finished requests only, as vLLM).
+- Prompt tokens once per request, when its first output arrives (the prompt has been computed).
+
+Not measured (the engine does not report them): the time a request waits before its first step
+(`request_queue_time_seconds`) and the per-step batch size; average batch size is
+`rate(generation_tokens_total) / rate(engine_steps_total)`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, RequestRejected
 from engine.sampling_params import SamplingParams
 
-_PREFIX = "mixtral:"
-_LATENCY_BUCKETS = (
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-_FINISH_REASONS = ("stop", "length", "error", "abort")
+PREFIX = "mixtral:"
+FINISH_REASONS = ("stop", "length", "error", "abort")  # the only values of `finished_reason`
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0, 160.0, 640.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+    0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0,
+)  # fmt: skip
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 class _EngineCollector(Collector):
+    """Gauges and counters the engine keeps itself, read when scraped."""
+
     def __init__(self, engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.engine.stats() if hasattr(self.engine, "stats") else None
-        if stats is None:
+        stats_of = getattr(self.engine, "stats", None)
+        if stats_of is None:  # a fake engine in tests
             return
+        stats = stats_of()
         yield GaugeMetricFamily(
-            _PREFIX + "num_requests_running", "Sequences in the running batch", stats.num_running
+            PREFIX + "num_requests_running", "Sequences in the running batch", stats.num_running
         )
         yield GaugeMetricFamily(
-            _PREFIX + "num_requests_waiting", "Sequences waiting to run", stats.num_waiting
+            PREFIX + "num_requests_waiting", "Sequences waiting to run", stats.num_waiting
         )
         yield GaugeMetricFamily(
-            _PREFIX + "kv_cache_usage_perc", "Fraction of KV blocks in use", stats.kv_cache_usage
+            PREFIX + "kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", stats.kv_cache_usage
         )
-        yield CounterMetricFamily(_PREFIX + "num_preemptions", "Sequences preempted", stats.num_preemptions)
-        yield CounterMetricFamily(_PREFIX + "engine_steps", "Engine iterations run", stats.num_steps)
+        yield CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted", stats.num_preemptions)
+        yield CounterMetricFamily(PREFIX + "engine_steps", "Engine iterations run", stats.num_steps)
 
 
 class Metrics:
+    """The metric objects of one app, in a registry of their own."""
+
     def __init__(self, engine) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.prompt_tokens = Counter(_PREFIX + "prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter(_PREFIX + "generation_tokens", "Tokens generated", registry=r)
+        self.registry = r = CollectorRegistry()
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=r)
         self.success = Counter(
-            _PREFIX + "request_success", "Finished sequences by reason", ["finished_reason"], registry=r
-        )
-        for reason in _FINISH_REASONS:
-            self.success.labels(reason)
-        self.ttft = Histogram(
-            _PREFIX + "time_to_first_token_seconds",
-            "Time to first token",
-            buckets=_LATENCY_BUCKETS,
+            PREFIX + "request_success",
+            "Finished choices by finish reason",
+            ["finished_reason"],
             registry=r,
         )
+        self.by_reason = {reason: self.success.labels(reason) for reason in FINISH_REASONS}
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=r
+        )
         self.itl = Histogram(
-            _PREFIX + "inter_token_latency_seconds",
-            "Time between tokens",
-            buckets=_LATENCY_BUCKETS,
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive tokens of a choice",
+            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
-            _PREFIX + "e2e_request_latency_seconds", "Request latency", buckets=_LATENCY_BUCKETS, registry=r
+            PREFIX + "e2e_request_latency_seconds",
+            "Time from arrival to the last output of finished requests",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.request_prompt_tokens = Histogram(
+            PREFIX + "request_prompt_tokens", "Prompt tokens per request", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.request_generation_tokens = Histogram(
+            PREFIX + "request_generation_tokens",
+            "Generated tokens per finished request (all choices)",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
         r.register(_EngineCollector(engine))
 
+    def finished(self, reason: str, count: int = 1) -> None:
+        self.by_reason[reason if reason in self.by_reason else "error"].inc(count)
+
+
+def _reason(out: RequestOutput) -> str:
+    if out.error is not None or out.finish_reason is None:
+        return "error"
+    return out.finish_reason.value
+
 
 class MeteredEngine:
-    """The engine client, measured: same interface, every output recorded."""
+    """The engine client, measured: same interface, every output recorded on its way through."""
 
     def __init__(self, engine, metrics: Metrics) -> None:
         self._engine = engine
@@ -113,30 +147,49 @@ class MeteredEngine:
         return self._engine.num_active_requests
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, context_ids: list[int] = ()
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        context_ids: Sequence[int] = (),
     ) -> AsyncIterator[RequestOutput]:
         m = self.metrics
-        start = last = time.monotonic()
-        first = True
+        start = time.monotonic()
+        last: dict[int, float] = {}  # choice index -> time of its last token
         remaining = params.n
+        generated = 0
+        first = True
+        outcome = "abort"  # what unfinished choices count as if we leave early
         stream = self._engine.generate(prompt_ids, params, request_id, context_ids)
         try:
             async for out in stream:
                 now = time.monotonic()
+                if first:  # the prompt has been computed
+                    first = False
+                    m.prompt_tokens.inc(len(prompt_ids))
+                    m.request_prompt_tokens.observe(len(prompt_ids))
                 if out.new_token_ids:
-                    (m.ttft if first else m.itl).observe(now - (start if first else last))
-                    first, last = False, now
+                    if not last:
+                        m.ttft.observe(now - start)
+                    elif out.index in last:
+                        m.itl.observe(now - last[out.index])
+                    last[out.index] = now
+                    generated += len(out.new_token_ids)
                     m.generation_tokens.inc(len(out.new_token_ids))
                 if out.finished:
                     remaining -= 1
-                    reason = (
-                        "error" if out.error else (out.finish_reason.value if out.finish_reason else "error")
-                    )
-                    m.success.labels(reason if reason in _FINISH_REASONS else "error").inc()
+                    m.finished(_reason(out))
+                    if not remaining:
+                        m.e2e.observe(now - start)
+                        m.request_generation_tokens.observe(generated)
                 yield out
+        except RequestRejected:
+            outcome = ""  # refused before any work: a 400, not a served request
+            raise
+        except Exception:
+            outcome = "error"
+            raise
         finally:
             await stream.aclose()
-            m.prompt_tokens.inc(len(prompt_ids))
-            if remaining:
-                m.success.labels("abort").inc(remaining)
-            m.e2e.observe(time.monotonic() - start)
+            if remaining and outcome:
+                m.finished(outcome, remaining)

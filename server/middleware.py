@@ -109,8 +109,8 @@ class ApiKeyAuth:
 class BodyLimit:
     """413 for bodies over `max_bytes`, without reading more than that.
 
-    A declared Content-Length is checked up front; a body without one (chunked) is buffered up
-    to the limit before the app sees it, then replayed.
+    A declared Content-Length is checked up front; every body is then buffered up to the limit
+    before the app sees it (the header alone is no bound), then replayed.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -121,10 +121,10 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if length.isdigit() and int(length) > self.max_bytes:
-                return await _send_json(send, 413, self._body())
-            return await self.app(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _send_json(send, 413, self._body())
+        # Count what arrives even under a small Content-Length: sent next to
+        # `Transfer-Encoding: chunked`, the server reads the chunked body, however long.
         buffered: list[Message] = []
         seen = 0
         while True:

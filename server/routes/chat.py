@@ -15,7 +15,7 @@ from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from server.deps import serving_state
 from server.errors import BadRequest
-from server.generation import collect, finish_reason
+from server.generation import collect, finish_reason, first_output
 from server.protocol import (
     AssistantMessageOut,
     ChatChoice,
@@ -92,7 +92,7 @@ async def chat_completions(
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         stream = ChatStream(state, req.model, request_id, prompt_ids, params, ctx, include_usage)
-        await stream.start()  # errors before the first token are plain HTTP errors
+        await stream.start(request)  # errors before the first token are plain HTTP errors
         return EventSourceResponse(stream.events(), sep="\n", headers=SSE_HEADERS, ping=15)
     result = await collect(request, state.engine, prompt_ids, params, request_id, ctx)
     choices = [
@@ -156,9 +156,10 @@ class ChatStream:
         self._outputs = state.engine.generate(prompt_ids, params, request_id, ctx)
         self._first = None
 
-    async def start(self) -> None:
-        """Wait for the first output, so a request the engine refuses gets a proper status code."""
-        self._first = await anext(self._outputs)
+    async def start(self, request: Request) -> None:
+        """Wait for the first output, so a request the engine refuses gets a proper status code
+        (and one whose client leaves meanwhile is aborted)."""
+        self._first = await first_output(request, self._outputs)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage_info: UsageInfo | None = None) -> str:
         chunk = ChatCompletionChunk(

@@ -39,3 +39,12 @@ def test_kv_pool_larger_than_what_is_left_is_refused():
     plan = plan_memory(MIXTRAL_8X7B, torch.bfloat16, 4096, int(60 * GB), int(141 * GB))
     with pytest.raises(InsufficientMemoryError, match="60.0 GB of KV cache"):
         check_fits(plan, "cuda:0", torch.bfloat16)
+
+
+def test_context_longer_than_the_checkpoint_is_refused(hf_dir):
+    from engine.factory import EngineSpec, build_engine
+    from tokenization import load_prompt_encoder
+
+    spec = EngineSpec(hf_dir, "float32", "cpu", 4096, 4, 256, 16, 1 << 20, True)
+    with pytest.raises(ValueError, match="longer than the checkpoint's context"):
+        build_engine(spec, load_prompt_encoder(hf_dir))

@@ -1,0 +1,143 @@
+"""GET /metrics (RELIABILITY.md item 23): vLLM-like names that move with traffic, behind the API key.
+
+Every route is measured (chat and text completions, streamed or not); a disconnect counts as
+`abort`, a request refused with a 400 is not counted at all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from tests.server.conftest import API_KEY, MODEL
+
+P = "mixtral:"
+NAMES = [
+    "num_requests_running",
+    "num_requests_waiting",
+    "kv_cache_usage_perc",
+    "num_preemptions_total",
+    "engine_steps_total",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    *(f'request_success_total{{finished_reason="{r}"}}' for r in ("stop", "length", "error", "abort")),
+    *(
+        f"{h}_{part}"
+        for h in (
+            "time_to_first_token_seconds",
+            "inter_token_latency_seconds",
+            "e2e_request_latency_seconds",
+            "request_prompt_tokens",
+            "request_generation_tokens",
+        )
+        for part in ("count", "sum")
+    ),
+]
+
+
+def scrape(server) -> dict[str, float]:
+    r = httpx.get(f"{server.url}/metrics", headers=server.headers(), timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key.removeprefix(P)] = float(value)
+    return samples
+
+
+def idle(server) -> dict[str, float]:
+    """A scrape once nothing runs, so earlier tests' requests cannot move the counters under us."""
+    deadline = time.monotonic() + 20
+    while True:
+        now = scrape(server)
+        if now["num_requests_running"] == now["num_requests_waiting"] == 0 or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
+def delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
+    return after[name] - before[name]
+
+
+def success(reason: str) -> str:
+    return f'request_success_total{{finished_reason="{reason}"}}'
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}{path}", json={"model": MODEL} | body, headers=server.headers(), timeout=60
+    )
+
+
+def stream_usage(server, path: str, body: dict) -> dict:
+    """Run a streamed request to the end; its `usage` (stream_options.include_usage)."""
+    body = {"model": MODEL, "stream": True, "stream_options": {"include_usage": True}} | body
+    usage = None
+    with httpx.stream("POST", f"{server.url}{path}", json=body, headers=server.headers(), timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                usage = json.loads(line[6:]).get("usage") or usage
+    assert usage is not None
+    return usage
+
+
+def test_metrics_expose_the_names_and_move_with_every_route(server):
+    before = idle(server)
+    missing = [n for n in NAMES if n not in before]
+    assert not missing, missing
+    assert 0 <= before["kv_cache_usage_perc"] <= 1
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    usages = [post(server, "/v1/chat/completions", chat).json()["usage"] for _ in range(2)]
+    usages.append(stream_usage(server, "/v1/chat/completions", chat))
+    ids = post(server, "/tokenize", {"prompt": "Once upon a time"}).json()["tokens"]
+    usages.append(stream_usage(server, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0}))
+    usages.append(post(server, "/v1/completions", {"prompt": ids, "max_tokens": 3}).json()["usage"])
+    after = idle(server)
+
+    requests = len(usages)
+    tokens = sum(u["completion_tokens"] for u in usages)
+    assert delta(after, before, "generation_tokens_total") == tokens
+    assert delta(after, before, "prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert delta(after, before, success("stop")) + delta(after, before, success("length")) == requests
+    assert delta(after, before, success("error")) == delta(after, before, success("abort")) == 0
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_prompt_tokens"):
+        assert delta(after, before, f"{histogram}_count") == requests, histogram
+    # one token per engine output: every token after a request's first is one inter-token gap
+    assert delta(after, before, "inter_token_latency_seconds_count") == tokens - requests
+    assert delta(after, before, "request_generation_tokens_sum") == tokens
+    assert delta(after, before, "engine_steps_total") >= tokens / requests
+    ttft_le_inf = 'time_to_first_token_seconds_bucket{le="+Inf"}'
+    assert delta(after, before, ttft_le_inf) == requests
+
+
+def test_a_disconnect_counts_as_abort_and_a_refused_request_not_at_all(server):
+    before = idle(server)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "stream": True}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body, headers=server.headers(), timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first chunk
+    too_long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}
+    assert post(server, "/v1/chat/completions", too_long).status_code == 400
+    deadline = time.monotonic() + 20
+    while (after := idle(server)) and delta(after, before, success("abort")) < 1:
+        assert time.monotonic() < deadline, "the disconnect was never counted"
+        time.sleep(0.05)
+    assert delta(after, before, success("abort")) == 1
+    for reason in ("stop", "length", "error"):
+        assert delta(after, before, success(reason)) == 0
+    assert delta(after, before, "e2e_request_latency_seconds_count") == 0  # finished requests only
+    assert delta(after, before, "time_to_first_token_seconds_count") == 1
+    assert delta(after, before, "request_prompt_tokens_count") == 1
+
+
+def test_metrics_need_the_key(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.get(f"{server.url}/metrics", headers=headers, timeout=10)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
