@@ -89,18 +89,28 @@ async def collect(
                 await task
 
 
-async def first_output(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
-    """The first output of a stream, aborting the request if the client leaves while it waits.
+async def wait_watching(request: Request, futures) -> None:
+    """Wait for every future (re-raising the first failure), aborting if the client leaves first.
 
     A stream's response starts only with its first token, and until then nothing else notices a
     client that gives up (say, while the request is queued behind others).
     """
+    pending = set(futures)
+    while pending:
+        done, pending = await asyncio.wait(
+            pending, timeout=_DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION
+        )
+        for future in done:
+            future.result()
+        if pending and await request.is_disconnected():
+            raise ClientDisconnected()
+
+
+async def first_output(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+    """The first output of a stream, aborting the request if the client leaves while it waits."""
     task = asyncio.ensure_future(anext(outputs, None))
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                raise ClientDisconnected()
+        await wait_watching(request, [task])
         return task.result()
     finally:
         if not task.done():

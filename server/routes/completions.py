@@ -21,7 +21,7 @@ from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from server.deps import serving_state
 from server.errors import BadRequest
-from server.generation import collect, finish_reason
+from server.generation import collect, finish_reason, wait_watching
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, now
 from server.routes.chat import SSE_HEADERS, usage
 from server.routes.tokenize import check_token_ids
@@ -146,7 +146,7 @@ async def completions(
     rid = f"cmpl-{uuid.uuid4().hex}"
     if req.stream:
         stream = CompletionStream(state, req, model, rid, prompts)
-        await stream.start()  # errors before the first token are plain HTTP errors
+        await stream.start(request)  # errors before the first token are plain HTTP errors
         return EventSourceResponse(stream.events(), sep="\n", headers=SSE_HEADERS, ping=15)
     try:
         async with asyncio.TaskGroup() as group:
@@ -183,13 +183,12 @@ class CompletionStream:
         ]
         self._next: dict[asyncio.Future, int] = {}  # each prompt's pending output -> the prompt
 
-    async def start(self) -> None:
-        """Wait for every prompt's first output, so a request the engine refuses gets a status code."""
+    async def start(self, request: Request) -> None:
+        """Wait for every prompt's first output, so a request the engine refuses gets a status code
+        (and one whose client leaves while queued is aborted, as in chat)."""
         self._next = {asyncio.ensure_future(anext(g, None)): k for k, g in enumerate(self._gens)}
         try:
-            done, _ = await asyncio.wait(self._next, return_when=asyncio.FIRST_EXCEPTION)
-            for future in done:
-                future.result()  # raises what the engine raised
+            await wait_watching(request, self._next)  # raises what the engine raised
         except BaseException:
             await self.close()
             raise
