@@ -20,6 +20,7 @@ from safetensors import safe_open
 from model.checkpoint_layouts import IGNORED_TENSORS, Layout, Placement, layout_names, optional_names
 from model.config import ModelConfig, load_config, normalize_dtype_name
 from model.mixtral import MixtralModel
+from model.quant import WeightQuant, quantize_rows, resolve_quant
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +121,21 @@ def load_model(
     device: str | torch.device = "cpu",
     max_model_len: int | None = None,
     progress: ProgressFn | None = None,
+    quantization: str | None = None,
 ) -> MixtralModel:
-    """Load a checkpoint (any supported layout) onto `device` in `dtype` (default: the checkpoint's)."""
+    """Load a checkpoint (any supported layout) onto `device` in `dtype` (default: the checkpoint's).
+
+    With `quantization` ('int8', 'fp8' or '8bit', see `model.quant`) the experts are quantized
+    tensor by tensor as they stream from the file: only their 8-bit form is ever allocated.
+    """
     path = Path(model_dir)
     config = load_config(path, max_model_len)
     torch_dtype = _resolve_dtype(dtype, config)
+    scheme = resolve_quant(quantization, device)
     ckpt = find_checkpoint_files(path)
     with torch.device("meta"):
         model = MixtralModel(config).to(torch_dtype)
+        model.quantize_experts_(scheme)  # after .to(): fp8 storage must not be cast to 16 bits
     model.to_empty(device=torch.device(device))  # the only allocation: one copy, in the final dtype
     model.rotary.reset_cache()
     model.tie_weights()
@@ -137,8 +145,9 @@ def load_model(
         layout = detect_layout(ckpt.layout_family, present, config)
         expected = layout_names(config, layout)
         check_names(expected, present, optional_names(config, layout))
-        _fill(model, reader, expected, progress)
-    logger.info("loaded %s (%s layout) as %s on %s", path, layout.value, torch_dtype, device)
+        _fill(model, reader, expected, progress, scheme)
+    quant = "" if scheme is WeightQuant.NONE else f" with {scheme.value} experts"
+    logger.info("loaded %s (%s layout) as %s%s on %s", path, layout.value, torch_dtype, quant, device)
     return model.eval()
 
 
@@ -149,7 +158,11 @@ def _resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torc
 
 
 def _fill(
-    model: MixtralModel, reader: TensorReader, expected: dict[str, Placement], progress: ProgressFn | None
+    model: MixtralModel,
+    reader: TensorReader,
+    expected: dict[str, Placement],
+    progress: ProgressFn | None,
+    scheme: WeightQuant = WeightQuant.NONE,
 ) -> None:
     params = dict(model.named_parameters())
     filled = dict.fromkeys(params, 0)
@@ -166,7 +179,15 @@ def _fill(
                 f"expected {tuple(dest.shape)} for {place.param}"
             )
         with torch.no_grad():
-            dest.copy_(src)
+            if dest.dtype == scheme.dtype:  # an 8-bit expert weight: quantize rows, fill q and scales
+                q, scale = quantize_rows(src.to(dest.device), scheme)
+                dest.copy_(q)
+                scales = params[f"{place.param}_scale"]
+                (scales[place.region] if place.region else scales).copy_(scale)
+                filled[f"{place.param}_scale"] += scale.numel()
+                done += scale.numel() * scale.element_size()
+            else:
+                dest.copy_(src)
         filled[place.param] += dest.numel()
         done += dest.numel() * dest.element_size()
         if progress is not None:

@@ -17,8 +17,9 @@ from model.batch import AttentionMetadata
 from model.config import ModelConfig
 from model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from model.moe import FeedForward
+from model.ops import TORCH_KERNELS, Kernels
 from model.packed_linear import PackedLinear, packing_supported
-from model.paged_attention import paged_attention, write_kv
+from model.quant import WeightQuant
 
 
 class Attention(nn.Module):
@@ -35,6 +36,7 @@ class Attention(nn.Module):
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.kernels: Kernels = TORCH_KERNELS
 
     def forward(
         self,
@@ -49,8 +51,8 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, Dh]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, Dh]
         q, k = apply_rotary(q, k, *rope)
-        write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, kv_cache, meta, self.scale)  # [T, H, Dh]
+        self.kernels.write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = self.kernels.attention(q, kv_cache, meta, self.scale)  # [T, H, Dh]
         return self.o_proj(out.view(num_tokens, -1))
 
 
@@ -110,13 +112,28 @@ class MixtralModel(nn.Module):
             x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
 
+    @property
+    def kernels(self) -> Kernels:
+        return self.layers[0].attn.kernels
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Run attention and the routed experts of every layer on `kernels` (see `model.ops`)."""
+        for layer in self.layers:
+            layer.attn.kernels = kernels
+            layer.ffn.kernels = kernels
+
+    def quantize_experts_(self, scheme: WeightQuant) -> None:
+        """Give every layer's experts 8-bit storage; for a model on the meta device, before loading."""
+        for layer in self.layers:
+            layer.ffn.quantize_(scheme)
+
     def pack_for_cpu(self) -> bool:
         """Prepack every GEMM weight for oneDNN (see `model.packed_linear`); one-way, CPU only.
 
         Returns False (and changes nothing) where packing is unavailable.
         """
         weight = self.embed_tokens.weight
-        if weight.device.type != "cpu" or not packing_supported(weight.dtype):
+        if weight.device.type != "cpu" or not packing_supported(weight.dtype) or self.kernels.name != "torch":
             return False
         with torch.no_grad():
             for layer in self.layers:

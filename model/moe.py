@@ -19,12 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.packed_linear import PackedLinear, pack_weight, packed_linear
+from model.quant import WeightQuant, quantized_linear
+
+if TYPE_CHECKING:
+    from model.ops import Kernels
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +123,34 @@ def grouped_swiglu(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: tor
     return grouped_experts(x, routing, w13.shape[0], lambda e, xs: swiglu(xs, w13[e], w2[e]))
 
 
+@dataclass(frozen=True, slots=True)
+class ExpertWeights:
+    """Stacked expert weights: 16-bit, or 8-bit with fp32 per-output-channel scales."""
+
+    w13: torch.Tensor  # [E, 2F, D] (gate; up)
+    w2: torch.Tensor  # [E, D, F]
+    w13_scale: torch.Tensor | None = None  # [E, 2F]
+    w2_scale: torch.Tensor | None = None  # [E, D]
+
+    @property
+    def quantized(self) -> bool:
+        return self.w13_scale is not None
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on x [n, D] on the torch path."""
+        if self.w13_scale is None or self.w2_scale is None:
+            return swiglu(x, self.w13[e], self.w2[e])
+        h = silu_and_mul(quantized_linear(x, self.w13[e], self.w13_scale[e]))
+        return quantized_linear(h, self.w2[e], self.w2_scale[e])
+
+
 class FeedForward(nn.Module):
-    """SwiGLU experts `[E, ...]` with a router when E > 1 (Mixtral), without one when dense."""
+    """SwiGLU experts `[E, ...]` with a router when E > 1 (Mixtral), without one when dense.
+
+    Expert weights are 16-bit, or 8-bit with per-output-channel scales after `quantize_`
+    (`model.quant`). The routed experts run through `self.kernels` (the torch path or the fused
+    Triton kernel, `model.ops`); a dense FFN and CPU-prepacked experts always take the torch path.
+    """
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int = 1, top_k: int = 1) -> None:
         super().__init__()
@@ -127,25 +158,49 @@ class FeedForward(nn.Module):
         self.top_k = top_k
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
+        self.w13_scale: nn.Parameter | None = None  # [E, 2F] fp32, 8-bit weights only
+        self.w2_scale: nn.Parameter | None = None  # [E, D] fp32
+        self.quant = WeightQuant.NONE
         self.gate: nn.Module | None = None  # the router; a dense FFN has none
         if num_experts > 1:
             self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.kernels: Kernels | None = None  # None: the torch path (`model.ops`)
         self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         if self.gate is None:
             return self._expert(0, x)
         routing = route(self.gate(x), self.top_k)
-        return grouped_experts(x, routing, self.num_experts, self._expert)
+        if self._packed is not None or self.kernels is None:
+            return grouped_experts(x, routing, self.num_experts, self._expert)
+        return self.kernels.moe(x, routing, self.expert_weights())
+
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale)
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            return swiglu(x, self.w13[e], self.w2[e])
-        w13, w2 = self._packed[e]
-        return packed_linear(silu_and_mul(packed_linear(x, w13)), w2)
+        if self._packed is not None:
+            w13, w2 = self._packed[e]
+            return packed_linear(silu_and_mul(packed_linear(x, w13)), w2)
+        return self.expert_weights().expert(e, x)
+
+    @torch.no_grad()
+    def quantize_(self, scheme: WeightQuant) -> None:
+        """Give the experts 8-bit storage (empty, same device: meant for a model on the meta device)."""
+        self.quant = scheme
+        if scheme is WeightQuant.NONE:
+            return
+        device = self.w13.device
+        for name in ("w13", "w2"):
+            shape = getattr(self, name).shape
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=scheme.dtype, device=device), False))
+            scale = torch.empty(shape[:-1], dtype=torch.float32, device=device)
+            setattr(self, f"{name}_scale", nn.Parameter(scale, requires_grad=False))
 
     def pack_for_cpu(self) -> None:
-        """Prepack each expert's weights for oneDNN and drop the dense copies (one-way)."""
+        """Prepack each expert's weights for oneDNN and drop the dense copies (one-way; 16-bit only)."""
+        if self.quant is not WeightQuant.NONE:
+            return
         self._packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.num_experts)]
         if self.gate is not None:
             self.gate = PackedLinear(self.gate.weight)

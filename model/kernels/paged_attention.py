@@ -1,0 +1,222 @@
+"""Paged attention in Triton: the KV write, decode (one query per sequence) and prefill chunks.
+
+Same cache layout and semantics as the torch path (`model.paged_attention`): one layer's cache is
+`[2, N, B, K, Dh]`, keys and values of a token at its slot (block * B + offset); a query at
+position p of a sequence sees keys 0 .. p. Both attention kernels walk a sequence's block table
+one cache block at a time with an online softmax (fp32 statistics), so no gathered copy of the
+context is made. Slots past a sequence's length may hold anything, NaN included: their scores
+are replaced by -inf and their values by 0 before use.
+
+- decode: one program per (sequence, kv head) computes the G = H / K query heads that share the
+  kv head as one [G, Dh] x [Dh, B] tile (padded to 16 rows for the tensor cores), so each key
+  and value is read once per sequence. The block table has a fixed width and the loop bound is
+  read on the device, so the launch has a fixed shape (CUDA graphs); a row of length 0 (graph
+  padding) yields zeros.
+- prefill: one program per (prefill chunk, query head, BLOCK_M queries), causal over the
+  context already cached plus the chunk itself (written to the cache before the call).
+- write: one program per token; a negative slot (graph padding) is skipped.
+
+Shape legend: T tokens, S sequences, H query heads, K kv heads, G = H / K, Dh head dim,
+N cache blocks, B block size, M block-table width.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from model.batch import AttentionMetadata
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_c_kv, stride_c_slot, stride_c_h,
+    NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = (offs_h < NUM_KV_HEADS)[:, None]
+    k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    dst = cache_ptr + slot * stride_c_slot + offs_h[:, None] * stride_c_h + offs_d[None, :]
+    tl.store(dst, k, mask=mask)
+    tl.store(dst + stride_c_kv, v, mask=mask)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, K, Dh] at their slots [T] of the layer cache [2, N, B, K, Dh]; slot < 0 is skipped."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    _check_cache(kv_cache, head_dim)
+    _write_kv_kernel[(num_tokens,)](
+        k, v, kv_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
+        NUM_KV_HEADS=num_kv_heads, BLOCK_H=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+    )  # fmt: skip
+
+
+@triton.jit
+def _attend_block(q, k, v, valid, key_ok, m_i, l_i, acc, scale, UPCAST: tl.constexpr):
+    """One online-softmax step of queries q [R, Dh] over a cache block k, v [B, Dh].
+
+    valid [R, B]: which query sees which key; key_ok [B]: which slots hold a token of the sequence.
+    """
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    scores = tl.dot(q, tl.trans(k)) * scale  # [R, B] fp32
+    scores = tl.where(valid, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    v = tl.where(key_ok[:, None], v, 0.0)  # garbage (NaN) slots must not reach 0 * v
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, scale,
+    stride_qs, stride_qh, stride_c_kv, stride_c_block, stride_c_slot, stride_c_h,
+    stride_bt, stride_os, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_SIZE)
+    g_ok = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None])
+
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32)
+    kv_offs = offs_n[:, None] * stride_c_slot + kv_head * stride_c_h + offs_d[None, :]
+    for b in range(0, tl.cdiv(seq_len, BLOCK_SIZE)):
+        block = tl.load(block_tables_ptr + seq * stride_bt + b).to(tl.int64)
+        k = tl.load(cache_ptr + block * stride_c_block + kv_offs)
+        v = tl.load(cache_ptr + stride_c_kv + block * stride_c_block + kv_offs)
+        key_ok = b * BLOCK_SIZE + offs_n < seq_len
+        valid = key_ok[None, :] & g_ok[:, None]
+        m_i, l_i, acc = _attend_block(q, k, v, valid, key_ok, m_i, l_i, acc, scale, UPCAST)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr, scale, first_seq,
+    stride_qt, stride_qh, stride_c_kv, stride_c_block, stride_c_slot, stride_c_h,
+    stride_bt, stride_ot, stride_oh,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    seq = first_seq + tl.program_id(0)
+    head = tl.program_id(1)
+    tile = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+    kv_head = head // GROUP
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_SIZE)
+    m_ok = offs_m < q_len
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=m_ok[:, None])
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    kv_offs = offs_n[:, None] * stride_c_slot + kv_head * stride_c_h + offs_d[None, :]
+    visible = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_M)  # keys this tile can see
+    for b in range(0, tl.cdiv(visible, BLOCK_SIZE)):
+        block = tl.load(block_tables_ptr + seq * stride_bt + b).to(tl.int64)
+        k = tl.load(cache_ptr + block * stride_c_block + kv_offs)
+        v = tl.load(cache_ptr + stride_c_kv + block * stride_c_block + kv_offs)
+        key_pos = b * BLOCK_SIZE + offs_n
+        key_ok = key_pos < seq_len
+        valid = (key_pos[None, :] <= context_len + offs_m[:, None]) & key_ok[None, :] & m_ok[:, None]
+        m_i, l_i, acc = _attend_block(q, k, v, valid, key_ok, m_i, l_i, acc, scale, UPCAST)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+def paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, upcast: bool = False
+) -> torch.Tensor:
+    """Attention of q [T, H, Dh] over the cached context (decodes first, then prefill chunks)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _check_cache(kv_cache, head_dim)
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        decode_attention(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, upcast, out[:nd])
+    if meta.prefills:
+        num_kv_heads = kv_cache.shape[3]
+        block_m = 64 if q.is_cuda else 16
+        max_q = max(span.query_len for span in meta.prefills)
+        grid = (len(meta.prefills), num_heads, triton.cdiv(max_q, block_m))
+        _prefill_kernel[grid](
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, scale, nd,
+            q.stride(0), q.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            meta.block_tables.stride(0), out.stride(0), out.stride(1),
+            GROUP=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_SIZE=kv_cache.shape[2],
+            HEAD_DIM=head_dim, UPCAST=upcast,
+        )  # fmt: skip
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    upcast: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per sequence: q [S, H, Dh] over blocks [S, M] holding seq_lens [S] tokens."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q) if out is None else out
+    _decode_kernel[(num_seqs, num_kv_heads)](
+        q, kv_cache, block_tables, seq_lens, out, scale,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=kv_cache.shape[2],
+        HEAD_DIM=head_dim, UPCAST=upcast,
+    )  # fmt: skip
+    return out
+
+
+def _check_cache(kv_cache: torch.Tensor, head_dim: int) -> None:
+    block_size = kv_cache.shape[2]
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's head dim must be contiguous")
+    for name, value in (("block size", block_size), ("head dim", head_dim)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"the Triton attention kernels need a {name} that is a power of two >= 16, got {value}")
