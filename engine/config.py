@@ -14,8 +14,17 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens in one step (the chunked-prefill budget)
     enable_prefix_caching: bool = True
     pack_cpu_weights: bool = True  # oneDNN-prepacked GEMM weights on CPU (model.packed_linear)
+    kernels: str = "auto"  # "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton" (model.ops)
+    cuda_graph_max_batch: int = 128  # decode batches up to this replay CUDA graphs; 0: always eager
 
     def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernels must be auto, torch or triton, got {self.kernels!r}")
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
+        self._check_positive()
+
+    def _check_positive(self) -> None:
         for name in (
             "max_model_len",
             "num_kv_blocks",

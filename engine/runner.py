@@ -19,7 +19,9 @@ from engine.config import EngineConfig
 from engine.sampler import Sampler, SamplingRow, TokenLogprob, make_generator, prompt_logprobs
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from model.batch import BatchBuilder, SequenceChunk
+from model.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from model.mixtral import MixtralModel, allocate_kv_cache, kv_cache_bytes_per_token
+from model.ops import select_kernels
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +42,12 @@ class ModelRunner:
         self.config = config
         param = model.embed_tokens.weight
         self.device = param.device
+        model.use_kernels(select_kernels(config.kernels, self.device))
+        bs = config.block_size
+        if model.kernels.name == "triton" and (bs < 16 or bs & (bs - 1)):
+            raise ValueError(f"the Triton kernels need a block_size that is a power of two >= 16, got {bs}")
         if config.pack_cpu_weights:
-            model.pack_for_cpu()  # no-op off the CPU or where oneDNN packing is unavailable
+            model.pack_for_cpu()  # no-op off the CPU, on the Triton path, or where oneDNN cannot pack
         self.kv_cache = allocate_kv_cache(
             model.config, config.num_kv_blocks, config.block_size, param.dtype, self.device
         )  # [L, 2, N, B, K, Dh]
@@ -54,6 +60,11 @@ class ModelRunner:
         )
         self.sampler = Sampler(model.config.vocab_size, torch.Generator(device=self.device).manual_seed(seed))
         self._generators: dict[str, torch.Generator] = {}
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and model.kernels.name == "triton" and config.cuda_graph_max_batch:
+            sizes = graph_batch_sizes(min(config.cuda_graph_max_batch, config.max_num_seqs))
+            self.graphs = DecodeGraphs(model, self.kv_cache, config.max_blocks_per_seq, sizes)
+            self.graphs.capture()
 
     def release(self, request_id: str) -> None:
         """Forget per-request state of a finished request."""
@@ -63,7 +74,10 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         chunks = sorted(output.chunks, key=lambda c: len(c.token_ids) != 1)  # decodes first (stable)
         batch = self.builder.build([SequenceChunk(c.token_ids, c.num_computed, c.block_ids) for c in chunks])
-        hidden = self.model(batch.input_ids, self.kv_cache, batch.attn)  # [T, D]
+        if self.graphs is not None and self.graphs.can_run(batch.attn):
+            hidden = self.graphs.run(batch.input_ids, batch.attn)  # [S, D]
+        else:
+            hidden = self.model(batch.input_ids, self.kv_cache, batch.attn)  # [T, D]
         result = RunnerOutput({}, {}, {})
         self._prompt_logprobs(chunks, hidden, batch.attn.query_start_loc.tolist(), result)
         rows = [i for i, c in enumerate(chunks) if c.sample]

@@ -14,12 +14,12 @@ is the rounding of q (relative 2^-4 for e4m3, 1/254 of the row's max for int8).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 
-class WeightQuant(str, Enum):
+class WeightQuant(StrEnum):
     NONE = "none"
     INT8 = "int8"
     FP8 = "fp8"
@@ -50,7 +50,7 @@ def resolve_quant(requested: str | None, device: torch.device | str) -> WeightQu
 
 
 def quantize_rows(weight: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [..., N, K] -> (q [..., N, K] in the scheme's dtype, scale [..., N] fp32); q * scale ~ weight."""
+    """weight [..., N, K] -> (q [..., N, K] in the scheme's dtype, scale [..., N] fp32), q * scale ~ w."""
     w = weight.float()
     amax = w.abs().amax(dim=-1)  # [..., N]
     scale = (amax / scheme.max_value).clamp_(min=1e-12)  # an all-zero row keeps scale > 0

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from model.kernels.moe_configs import TileConfig, moe_tile_config
-from model.moe import Routing, align_to_experts
+from model.moe import MoEDispatch, Routing, align_to_experts
 
 
 @triton.jit
@@ -81,7 +81,8 @@ def _grouped_gemm_kernel(
     col_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn  # [1, BN]
+    w_ptrs += offs_k[:, None]  # [BK, BN]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -144,33 +145,43 @@ def fused_moe(
     x = x.contiguous()
     cfg = config or moe_tile_config(num_experts, ffn, num_tokens, x.device)
     dispatch = align_to_experts(routing.topk_ids, num_experts, cfg.block_m)
-    capacity = dispatch.sorted_pair_ids.numel()
     pair_weights = routing.topk_weights.flatten().float()  # [P]
-    dummy_scale = pair_weights  # any tensor: never read when not QUANTIZED
 
     h = torch.empty(num_pairs, ffn, dtype=x.dtype, device=x.device)  # [P, F]
-    gate_block_n = cfg.gated_block_n
-    _launch(x, w13, w13_scale if quantized else dummy_scale, h, dispatch, pair_weights, num_pairs,
-            ffn, hidden, capacity, a_div=top_k, gated=True, route_weight=False, quantized=quantized,
-            upcast=upcast, cfg=cfg, block_n=gate_block_n)
+    _grouped_gemm(x, w13, w13_scale, h, dispatch, None, top_k, cfg, upcast)
     y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)  # [P, D]
-    _launch(h, w2, w2_scale if quantized else dummy_scale, y, dispatch, pair_weights, num_pairs,
-            hidden, ffn, capacity, a_div=1, gated=False, route_weight=True, quantized=quantized,
-            upcast=upcast, cfg=cfg, block_n=cfg.block_n)
+    _grouped_gemm(h, w2, w2_scale, y, dispatch, pair_weights, 1, cfg, upcast)
     return y.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
 
 
-def _launch(a, w, scale, out, dispatch, pair_weights, num_pairs, n, k, capacity, *, a_div, gated,
-            route_weight, quantized, upcast, cfg: TileConfig, block_n: int) -> None:
+def _grouped_gemm(
+    a: torch.Tensor,  # [rows, K]
+    w: torch.Tensor,  # [E, N or 2N, K]: 2N rows make it the gated (gate/up) launch
+    scale: torch.Tensor | None,  # [E, N or 2N] for 8-bit weights
+    out: torch.Tensor,  # [P, N]
+    dispatch: MoEDispatch,
+    pair_weights: torch.Tensor | None,  # [P]: scale each pair's row by its routing weight
+    a_div: int,  # row of pair p in `a` is p // a_div
+    cfg: TileConfig,
+    upcast: bool,
+) -> None:
     if w.stride(-1) != 1 or a.stride(-1) != 1:
         raise ValueError("fused_moe needs row-major weights and activations")
+    n, k = out.shape[1], a.shape[1]
+    gated = w.shape[1] == 2 * n
+    block_n = cfg.gated_block_n if gated else cfg.block_n
+    capacity = dispatch.sorted_pair_ids.numel()
+    unused = dispatch.sorted_pair_ids  # placeholder for pointers a variant never reads
     grid = (capacity // cfg.block_m * triton.cdiv(n, block_n),)
+    # fmt: off
     _grouped_gemm_kernel[grid](
-        a, w, scale, out,
-        dispatch.sorted_pair_ids, dispatch.tile_expert_ids, dispatch.num_padded, pair_weights,
-        num_pairs, n, k, capacity,
-        a.stride(0), w.stride(0), w.stride(1), scale.stride(0) if quantized else 0, out.stride(0),
-        A_DIV=a_div, GATED=gated, ROUTE_WEIGHT=route_weight, QUANTIZED=quantized, UPCAST=upcast,
-        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        a, w, unused if scale is None else scale, out,
+        dispatch.sorted_pair_ids, dispatch.tile_expert_ids, dispatch.num_padded,
+        unused if pair_weights is None else pair_weights,
+        out.shape[0], n, k, capacity,
+        a.stride(0), w.stride(0), w.stride(1), 0 if scale is None else scale.stride(0), out.stride(0),
+        A_DIV=a_div, GATED=gated, ROUTE_WEIGHT=pair_weights is not None, QUANTIZED=scale is not None,
+        UPCAST=upcast, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    )
+    # fmt: on

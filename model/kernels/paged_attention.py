@@ -171,7 +171,9 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        decode_attention(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, upcast, out[:nd])
+        decode_attention(
+            q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, upcast, out[:nd]
+        )
     if meta.prefills:
         num_kv_heads = kv_cache.shape[3]
         block_m = 64 if q.is_cuda else 16
@@ -199,6 +201,7 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query per sequence: q [S, H, Dh] over blocks [S, M] holding seq_lens [S] tokens."""
     num_seqs, num_heads, head_dim = q.shape
+    _check_cache(kv_cache, head_dim)
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q) if out is None else out
@@ -219,4 +222,6 @@ def _check_cache(kv_cache: torch.Tensor, head_dim: int) -> None:
         raise ValueError("the KV cache's head dim must be contiguous")
     for name, value in (("block size", block_size), ("head dim", head_dim)):
         if value < 16 or value & (value - 1):
-            raise ValueError(f"the Triton attention kernels need a {name} that is a power of two >= 16, got {value}")
+            raise ValueError(
+                f"the Triton attention kernels need a {name} that is a power of two >= 16, got {value}"
+            )
