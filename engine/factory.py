@@ -16,6 +16,7 @@ from engine.sampling_params import SamplingParams
 from model.config import load_config, normalize_dtype_name
 from model.loader import ProgressFn, load_model
 from model.mixtral import kv_cache_bytes_per_token
+from model.quant import resolve_quant
 from tokenization.prompt_encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ class EngineSpec:
     kv_cache_bytes: int
     enable_prefix_caching: bool
     seed: int = 0
+    quantization: str = "none"  # "none", "8bit", "int8", "fp8": the experts' storage
+    kernels: str = "auto"
+    cuda_graph_max_batch: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +56,9 @@ def build_engine(
     """Load the checkpoint, size the KV pool from `kv_cache_bytes`, and run a warm-up request."""
     start = time.monotonic()
     check_memory(spec)
-    model = load_model(spec.model_dir, spec.dtype, spec.device, spec.max_model_len, progress)
+    model = load_model(
+        spec.model_dir, spec.dtype, spec.device, spec.max_model_len, progress, spec.quantization
+    )
     dtype = model.embed_tokens.weight.dtype
     per_block = kv_cache_bytes_per_token(model.config, dtype) * spec.block_size
     num_blocks = max(1, spec.kv_cache_bytes // per_block)
@@ -64,6 +70,8 @@ def build_engine(
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=max(spec.max_num_batched_tokens, spec.max_num_seqs),
         enable_prefix_caching=spec.enable_prefix_caching,
+        kernels=spec.kernels,
+        cuda_graph_max_batch=spec.cuda_graph_max_batch,
     )
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # before CPU packing
     engine = Engine(model, config, encoder, encoder.eos_id, seed=spec.seed)
@@ -84,7 +92,8 @@ def check_memory(spec: EngineSpec) -> None:
         )
     dtype = getattr(torch, normalize_dtype_name(spec.dtype or config.checkpoint_dtype))
     max_len = spec.max_model_len or config.max_position_embeddings
-    plan = plan_memory(config, dtype, max_len, spec.kv_cache_bytes, device_memory_bytes(spec.device))
+    quant = resolve_quant(spec.quantization, spec.device)
+    plan = plan_memory(config, dtype, max_len, spec.kv_cache_bytes, device_memory_bytes(spec.device), quant)
     check_fits(plan, spec.device, dtype)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from model.config import ModelConfig
+from model.quant import WeightQuant
 
 _GB = 1e9
 # Room kept for activations, MoE intermediates, logits and (on GPU) the CUDA context.
@@ -23,6 +24,7 @@ class MemoryPlan:
     min_kv_bytes: int  # one full-length sequence
     kv_bytes: int  # the configured pool
     device_bytes: int
+    quant: WeightQuant = WeightQuant.NONE
 
     @property
     def needed_bytes(self) -> int:
@@ -41,22 +43,32 @@ def device_memory_bytes(device: str) -> int:
 
 
 def plan_memory(
-    config: ModelConfig, dtype: torch.dtype, max_model_len: int, kv_bytes: int, device_bytes: int
+    config: ModelConfig,
+    dtype: torch.dtype,
+    max_model_len: int,
+    kv_bytes: int,
+    device_bytes: int,
+    quant: WeightQuant = WeightQuant.NONE,
 ) -> MemoryPlan:
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
-    return MemoryPlan(config.num_parameters() * itemsize, max_model_len * per_token, kv_bytes, device_bytes)
+    weights = config.num_parameters() * itemsize
+    if quant is not WeightQuant.NONE:  # experts at 1 byte per weight plus an fp32 scale per row
+        experts = config.num_expert_parameters()
+        weights += experts * (1 - itemsize) + config.num_expert_rows() * 4
+    return MemoryPlan(weights, max_model_len * per_token, kv_bytes, device_bytes, quant)
 
 
 def check_fits(plan: MemoryPlan, device: str, dtype: torch.dtype) -> None:
     """Raise `InsufficientMemoryError` when weights + KV cache (+ margin) exceed the device."""
     if plan.needed_bytes <= plan.device_bytes:
         return
+    experts = "" if plan.quant is WeightQuant.NONE else f" ({plan.quant.value} experts)"
     raise InsufficientMemoryError(
         f"does not fit {device}: {plan.weights_bytes / _GB:.1f} GB of {str(dtype).removeprefix('torch.')} "
-        f"weights + {max(plan.min_kv_bytes, plan.kv_bytes) / _GB:.1f} GB of KV cache "
+        f"weights{experts} + {max(plan.min_kv_bytes, plan.kv_bytes) / _GB:.1f} GB of KV cache "
         f"+ {_OVERHEAD_FRACTION:.0%} margin = {plan.needed_bytes / _GB:.1f} GB, but the device has "
         f"{plan.device_bytes / _GB:.1f} GB. Use a larger device (Mixtral 8x7B in bf16 needs one "
-        "141 GB H200), a shorter max_model_len / smaller kv_cache_memory_gb, or (planned) 8-bit "
-        "experts or tensor parallelism."
+        "141 GB H200), a shorter max_model_len / smaller kv_cache_memory_gb, 8-bit experts "
+        "(quantization: 8bit; Mixtral 8x7B then takes ~48 GB), or (planned) tensor parallelism."
     )

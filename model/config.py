@@ -79,6 +79,16 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.moe is not None
 
+    def num_expert_parameters(self) -> int:
+        """Parameters of the FFN experts (all of them; the dense FFN of a dense model)."""
+        experts = self.moe.num_experts if self.moe else 1
+        return self.num_layers * experts * 3 * self.hidden_size * self.intermediate_size
+
+    def num_expert_rows(self) -> int:
+        """Output channels of the experts' matrices (w1, w3: F each, w2: D): one scale each in 8 bits."""
+        experts = self.moe.num_experts if self.moe else 1
+        return self.num_layers * experts * (2 * self.intermediate_size + self.hidden_size)
+
     def num_parameters(self) -> int:
         """Total parameter count (all experts included)."""
         d, f = self.hidden_size, self.intermediate_size

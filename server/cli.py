@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, Path | None]:
     p.add_argument("--api-key", action="append", dest="api_key", help="accepted bearer key (repeatable)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device")
+    p.add_argument("--quantization", choices=["none", "8bit", "int8", "fp8"], help="8-bit expert weights")
+    p.add_argument("--kernels", choices=["auto", "torch", "triton"])
+    p.add_argument("--cuda-graph-max-batch", type=int, help="largest decode batch replayed from a CUDA graph")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
@@ -134,6 +137,9 @@ def build_app(settings: ServerSettings):
         model_dir=model_dir,
         dtype=settings.dtype,
         device=settings.device,
+        quantization=settings.quantization,
+        kernels=settings.kernels,
+        cuda_graph_max_batch=settings.cuda_graph_max_batch,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,

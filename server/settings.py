@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BeforeValidator, Field, field_validator
@@ -41,6 +41,10 @@ class ServerSettings(BaseSettings):
     port: int = 8000
     api_key: StrList = Field(default_factory=list)
     dtype: str | None = None  # default: the checkpoint's
+    # 8-bit expert weights: "8bit" picks fp8 on Ada/Hopper GPUs and int8 elsewhere (model/quant.py)
+    quantization: Literal["none", "8bit", "int8", "fp8"] = "none"
+    kernels: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on CUDA, torch on CPU
+    cuda_graph_max_batch: int = Field(default=128, ge=0)  # 0: decode without CUDA graphs
     device: str = "cpu"
     max_model_len: int | None = None  # default: the checkpoint's context, capped by the KV pool
     max_num_seqs: int = 32

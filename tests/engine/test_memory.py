@@ -7,6 +7,7 @@ import torch
 
 from engine.memory import InsufficientMemoryError, check_fits, plan_memory
 from model.config import ModelConfig, MoEConfig
+from model.quant import WeightQuant
 
 MIXTRAL_8X7B = ModelConfig(
     vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
@@ -48,3 +49,18 @@ def test_context_longer_than_the_checkpoint_is_refused(hf_dir):
     spec = EngineSpec(hf_dir, "float32", "cpu", 4096, 4, 256, 16, 1 << 20, True)
     with pytest.raises(ValueError, match="longer than the checkpoint's context"):
         build_engine(spec, load_prompt_encoder(hf_dir))
+
+
+@pytest.mark.parametrize("quant", [WeightQuant.INT8, WeightQuant.FP8], ids=lambda q: q.value)
+def test_mixtral_8bit_experts_fit_one_80gb_gpu_with_room_for_kv(quant):
+    plan = plan_memory(MIXTRAL_8X7B, torch.bfloat16, 32768, int(24 * GB), int(80 * GB), quant)
+    experts = MIXTRAL_8X7B.num_expert_parameters()
+    assert experts / MIXTRAL_8X7B.num_parameters() == pytest.approx(0.966, abs=0.001)
+    # 45.1 G expert weights at 1 byte + 1.6 G others at 2 bytes + a 4-byte scale per expert row
+    assert plan.weights_bytes / GB == pytest.approx(48.3, abs=0.05)
+    check_fits(plan, "cuda:0", torch.bfloat16)  # 48.3 + 24 GB of KV (~190k tokens) + 8% < 80 GB
+    too_much_kv = plan_memory(MIXTRAL_8X7B, torch.bfloat16, 32768, int(30 * GB), int(80 * GB), quant)
+    with pytest.raises(
+        InsufficientMemoryError, match=rf"48\.3 GB of bfloat16 weights \({quant.value} experts\)"
+    ):
+        check_fits(too_much_kv, "cuda:0", torch.bfloat16)
