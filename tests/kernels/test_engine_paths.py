@@ -10,6 +10,7 @@ from engine.llm_engine import Engine
 from model.loader import load_model
 from model.ops import select_kernels
 from tests.engine.helpers import EOS, greedy, run, tokens
+from tests.kernels.conftest import DEVICE, FP32_TOL
 from tests.model.paged import PagedHarness
 from tests.model.test_against_transformers import PROMPTS
 from tokenization.loader import load_prompt_encoder
@@ -19,7 +20,7 @@ REQUESTS = {f"r{i}": (p, greedy(12)) for i, p in enumerate(PROMPTS + [list(range
 
 
 def engine(hf_dir, kernels: str, quantization: str | None = None) -> Engine:
-    model = load_model(hf_dir, dtype="float32", quantization=quantization)
+    model = load_model(hf_dir, dtype="float32", device=DEVICE, quantization=quantization)
     config = EngineConfig(
         max_model_len=128, num_kv_blocks=64, block_size=16, max_num_seqs=8, max_num_batched_tokens=48,
         kernels=kernels,
@@ -41,8 +42,8 @@ def test_logits_equal_on_both_paths(hf_dir):
     """Teacher-forced logits through prefill, chunked prefill and decode steps, within fp32 noise."""
     models = {}
     for kernels in ("torch", "triton"):
-        model = load_model(hf_dir, dtype="float32")
-        model.use_kernels(select_kernels(kernels, "cpu"))
+        model = load_model(hf_dir, dtype="float32", device=DEVICE)
+        model.use_kernels(select_kernels(kernels, DEVICE))
         models[kernels] = PagedHarness(model, block_size=16)
     for step in (
         [(0, PROMPTS[0]), (1, PROMPTS[1][:5])],
@@ -51,4 +52,4 @@ def test_logits_equal_on_both_paths(hf_dir):
     ):
         ref, got = (models[k].step(step) for k in ("torch", "triton"))
         for a, b in zip(got, ref, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+            torch.testing.assert_close(a, b, atol=max(1e-4, FP32_TOL["atol"]), rtol=0)

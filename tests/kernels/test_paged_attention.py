@@ -10,7 +10,7 @@ import torch
 from model import paged_attention as ref
 from model.batch import BatchBuilder, SequenceChunk
 from model.kernels import paged_attention as tri
-from tests.kernels.conftest import DEVICE, UPCAST
+from tests.kernels.conftest import DEVICE, FP32_TOL, UPCAST
 
 HEAD_DIM, BLOCK, NUM_BLOCKS = 32, 16, 48
 
@@ -68,7 +68,7 @@ def test_write_then_attend_matches_torch(group):
     expected = ref.paged_attention(q, kv_ref, meta, scale)
     got = tri.paged_attention(q, kv_tri, meta, scale, upcast=UPCAST)
     assert not got.isnan().any()
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, expected, **FP32_TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -18,13 +18,14 @@ class PagedHarness:
         self.model = model
         self.block_size = block_size
         dtype = model.embed_tokens.weight.dtype
-        self.kv = allocate_kv_cache(model.config, num_blocks, block_size, dtype, "cpu")
+        device = model.embed_tokens.weight.device
+        self.kv = allocate_kv_cache(model.config, num_blocks, block_size, dtype, device)
         self.kv.fill_(float("nan"))
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.blocks: dict[int, list[int]] = {}
         self.computed: dict[int, int] = {}
-        self.builder = BatchBuilder(4096, 64, num_blocks, block_size)
+        self.builder = BatchBuilder(4096, 64, num_blocks, block_size, device)
 
     def step(self, work: Sequence[tuple[int, Sequence[int]]]) -> list[torch.Tensor]:
         """Compute `work` [(seq id, new tokens)] in one forward; logits [n, V] per item, in order."""
