@@ -1,7 +1,8 @@
-"""bench/gpu_check.py runs end to end at tiny shapes, so a GPU session does not lose its minutes to a typo."""
+"""bench/gpu_check.py and bench/tune_moe.py run end to end: a GPU session must not lose minutes to a typo."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -32,3 +33,25 @@ def test_gpu_check_smoke_runs_and_its_checks_pass(tmp_path):
     assert figures["failures"] == []
     assert {"decode_1", "moe"} <= set(figures["bf16"])
     assert "0 check(s) failed" in done.stdout
+
+
+def test_tuning_script_prints_a_table_row(tmp_path):
+    if torch.cuda.is_available():
+        args, env = ["--tokens", "8", "--budget", "5"], dict(os.environ)
+    else:
+        args, env = ["--smoke"], os.environ | {"TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "tune_moe.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("    ")]
+    assert len(rows) == 1 and "x the current entry" in rows[0]
+    block_m, block_n, block_k, *_ = ast.literal_eval(
+        rows[0].split(":", 1)[1].split("#")[0].strip().rstrip(",")
+    )
+    assert block_m in (16, 32, 64, 128) and block_n >= 32 and block_k >= 16
