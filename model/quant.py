@@ -49,12 +49,22 @@ def resolve_quant(requested: str | None, device: torch.device | str) -> WeightQu
     return WeightQuant.INT8
 
 
+@torch.no_grad()
 def quantize_rows(weight: torch.Tensor, scheme: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [..., N, K] -> (q [..., N, K] in the scheme's dtype, scale [..., N] fp32), q * scale ~ w."""
+    """weight [..., N, K] -> (q [..., N, K] in the scheme's dtype, scale [..., N] fp32), q * scale ~ w.
+
+    Matrix by matrix, so the fp32 temporaries stay the size of one [N, K] matrix.
+    """
+    if weight.dim() > 2:
+        q = torch.empty(weight.shape, dtype=scheme.dtype, device=weight.device)
+        scale = torch.empty(weight.shape[:-1], dtype=torch.float32, device=weight.device)
+        for i, matrix in enumerate(weight.flatten(0, -3)):
+            q.view(-1, *q.shape[-2:])[i], scale.view(-1, scale.shape[-1])[i] = quantize_rows(matrix, scheme)
+        return q, scale
     w = weight.float()
-    amax = w.abs().amax(dim=-1)  # [..., N]
+    amax = w.abs().amax(dim=-1)  # [N]
     scale = (amax / scheme.max_value).clamp_(min=1e-12)  # an all-zero row keeps scale > 0
-    scaled = w / scale[..., None]
+    scaled = w / scale[:, None]  # not in place: w may be the caller's tensor
     if scheme is WeightQuant.INT8:
         q = scaled.round_().clamp_(-127, 127).to(torch.int8)
     else:

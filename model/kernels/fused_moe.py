@@ -26,12 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from model.kernels.moe_configs import TileConfig, moe_tile_config
+from model.kernels.moe_configs import TileConfig, launch_tiles, moe_tile_config
 from model.moe import MoEDispatch, Routing, align_to_experts
-
-# Bytes of shared memory the pipelined tiles may take: under the 227 KiB an H100/H200 block can
-# use, with room for the compiler's own scratch.
-_SHARED_MEMORY_BUDGET = 200 * 1024
 
 
 @triton.jit
@@ -173,14 +169,10 @@ def _grouped_gemm(
         raise ValueError("fused_moe needs row-major weights and activations")
     n, k = out.shape[1], a.shape[1]
     gated = w.shape[1] == 2 * n
-    block_n = cfg.gated_block_n if gated else cfg.block_n
-    # Software pipelining keeps num_stages copies of the A tile and the weight tile(s) in shared
-    # memory; the gated launch has two weight tiles, so it may need fewer stages than the table's.
-    per_stage = (cfg.block_m * cfg.block_k + (2 if gated else 1) * cfg.block_k * block_n) * a.element_size()
-    num_stages = max(1, min(cfg.num_stages, _SHARED_MEMORY_BUDGET // per_stage))
+    tiles = launch_tiles(cfg, gated, a.element_size())
     capacity = dispatch.sorted_pair_ids.numel()
     unused = dispatch.sorted_pair_ids  # placeholder for pointers a variant never reads
-    grid = (capacity // cfg.block_m * triton.cdiv(n, block_n),)
+    grid = (capacity // cfg.block_m * triton.cdiv(n, tiles.block_n),)
     # fmt: off
     _grouped_gemm_kernel[grid](
         a, w, unused if scale is None else scale, out,
@@ -189,7 +181,7 @@ def _grouped_gemm(
         out.shape[0], n, k, capacity,
         a.stride(0), w.stride(0), w.stride(1), 0 if scale is None else scale.stride(0), out.stride(0),
         A_DIV=a_div, GATED=gated, ROUTE_WEIGHT=pair_weights is not None, QUANTIZED=scale is not None,
-        UPCAST=upcast, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=num_stages,
+        UPCAST=upcast, BLOCK_M=cfg.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=tiles.num_stages,
     )
     # fmt: on

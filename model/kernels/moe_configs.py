@@ -7,8 +7,8 @@ Keys are the token count M of the layer call; the nearest key is used, as vLLM d
 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
 
 Our gate/up launch carries two accumulators (gate and up, for the fused SiLU-and-multiply) where
-vLLM's carries one over 2N columns, so it uses half the table's BLOCK_N when that is 256 (same
-register budget). `bench/tune_moe.py` measures candidates on the card at hand and prints a table
+vLLM's carries one over 2N columns: `launch_tiles` fits a row to the register and shared-memory
+budget of each launch. `bench/tune_moe.py` measures candidates on the card at hand and prints a table
 in this format; a table for another GPU (or a retuned one) goes here.
 """
 
@@ -29,9 +29,40 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
 
-    @property
-    def gated_block_n(self) -> int:
-        return self.block_n // 2 if self.block_n >= 256 else self.block_n
+
+@dataclass(frozen=True, slots=True)
+class LaunchTiles:
+    block_n: int
+    block_k: int
+    num_stages: int
+
+
+# fp32 accumulator registers per thread a launch may use (of 255), and bytes of shared memory its
+# pipelined tiles may take (under the 227 KiB an H100/H200 block can use, leaving scratch room).
+ACCUMULATOR_REGISTERS = 128
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def launch_tiles(cfg: TileConfig, gated: bool, element_size: int) -> LaunchTiles:
+    """Fit a table row (tuned for vLLM's one-accumulator kernel) to one of our launches.
+
+    The gated launch keeps two accumulators and two weight tiles per pipeline stage: BLOCK_N is
+    halved until the accumulators fit the register budget (else they spill), then BLOCK_K is
+    halved until two stages fit in shared memory, then stages are capped by what fits.
+    """
+    accumulators = 2 if gated else 1
+    block_n, block_k = cfg.block_n, cfg.block_k
+    threads = 32 * cfg.num_warps
+    while accumulators * cfg.block_m * block_n > ACCUMULATOR_REGISTERS * threads and block_n > 32:
+        block_n //= 2
+
+    def stage_bytes() -> int:
+        return (cfg.block_m * block_k + accumulators * block_k * block_n) * element_size
+
+    while min(2, cfg.num_stages) * stage_bytes() > SHARED_MEMORY_BUDGET and block_k > 32:
+        block_k //= 2
+    stages = max(1, min(cfg.num_stages, SHARED_MEMORY_BUDGET // stage_bytes()))
+    return LaunchTiles(block_n, block_k, stages)
 
 
 _Row = tuple[int, int, int, int, int, int]
@@ -78,11 +109,19 @@ _H200: dict[int, _Row] = {
     4096: (128, 256, 64, 16, 8, 4),
 }
 
-# (experts, expert FFN size, device name as torch reports it) -> table
+# (experts, expert FFN size, GPU family as it appears in torch's device name) -> table. A family
+# shares one table (an H100 PCIe starts from the SXM one's figures; retune with bench/tune_moe.py).
 TUNED: dict[tuple[int, int, str], dict[int, _Row]] = {
-    (8, 14336, "NVIDIA H100 80GB HBM3"): _H100,
-    (8, 14336, "NVIDIA H200"): _H200,
+    (8, 14336, "H100"): _H100,
+    (8, 14336, "H200"): _H200,
 }
+
+
+def tuned_table(num_experts: int, ffn_size: int, device_name: str) -> dict[int, _Row] | None:
+    for (e, n, family), table in TUNED.items():
+        if (e, n) == (num_experts, ffn_size) and family in device_name:
+            return table
+    return None
 
 
 def default_config(num_tokens: int, num_experts: int) -> TileConfig:
@@ -97,7 +136,7 @@ def moe_tile_config(num_experts: int, ffn_size: int, num_tokens: int, device: to
     """The tuned config for this shape on this GPU (nearest token count), else the default."""
     table = None
     if device.type == "cuda":
-        table = TUNED.get((num_experts, ffn_size, torch.cuda.get_device_name(device)))
+        table = tuned_table(num_experts, ffn_size, torch.cuda.get_device_name(device))
     if table is None:
         return default_config(num_tokens, num_experts)
     nearest = min(table, key=lambda m: abs(m - num_tokens))

@@ -53,7 +53,7 @@ def _write_kv_kernel(
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store k, v [T, K, Dh] at their slots [T] of the layer cache [2, N, B, K, Dh]; slot < 0 is skipped."""
     num_tokens, num_kv_heads, head_dim = k.shape
-    _check_cache(kv_cache, head_dim)
+    _check_cache(kv_cache, head_dim, k, v)
     _write_kv_kernel[(num_tokens,)](
         k, v, kv_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -167,7 +167,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of q [T, H, Dh] over the cached context (decodes first, then prefill chunks)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
-    _check_cache(kv_cache, head_dim)
+    _check_cache(kv_cache, head_dim, q)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
@@ -201,7 +201,7 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query per sequence: q [S, H, Dh] over blocks [S, M] holding seq_lens [S] tokens."""
     num_seqs, num_heads, head_dim = q.shape
-    _check_cache(kv_cache, head_dim)
+    _check_cache(kv_cache, head_dim, q)
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q) if out is None else out
@@ -216,10 +216,13 @@ def decode_attention(
     return out
 
 
-def _check_cache(kv_cache: torch.Tensor, head_dim: int) -> None:
+def _check_cache(kv_cache: torch.Tensor, head_dim: int, *tensors: torch.Tensor) -> None:
+    """The kernels index every head vector as contiguous, and tile blocks and head dims as powers of 2."""
     block_size = kv_cache.shape[2]
-    if kv_cache.stride(-1) != 1:
-        raise ValueError("the KV cache's head dim must be contiguous")
+    if any(t.stride(-1) != 1 for t in (kv_cache, *tensors)):
+        raise ValueError(
+            "the Triton attention kernels need contiguous head vectors (stride 1 in the last dim)"
+        )
     for name, value in (("block size", block_size), ("head dim", head_dim)):
         if value < 16 or value & (value - 1):
             raise ValueError(

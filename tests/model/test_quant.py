@@ -85,3 +85,16 @@ def test_loader_quantizes_experts_as_they_stream(hf_dir, scheme):
     logits_f = PagedHarness(full, block_size=6).prefill(PROMPTS)
     for a, b in zip(logits_q, logits_f, strict=True):
         assert (a - b).norm() / b.norm() < bound
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.value)
+def test_stacked_weights_quantize_matrix_by_matrix_and_input_is_untouched(scheme):
+    w = torch.randn(3, 2, 16, 40)
+    before = w.clone()
+    q, scale = quantize_rows(w, scheme)
+    assert torch.equal(w, before)
+    assert q.shape == w.shape and scale.shape == (3, 2, 16)
+    for i in range(3):
+        for j in range(2):
+            q1, s1 = quantize_rows(w[i, j], scheme)
+            assert torch.equal(q[i, j].float(), q1.float()) and torch.equal(scale[i, j], s1)
