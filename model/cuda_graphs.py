@@ -16,7 +16,9 @@ D hidden size.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -42,7 +44,10 @@ class DecodeGraphs:
         kv_caches: torch.Tensor,  # [L, 2, N, B, K, Dh]
         max_blocks_per_seq: int,
         batch_sizes: list[int],
+        use_graphs: bool = True,
     ) -> None:
+        """`use_graphs=False` replays by running the forward on the static buffers: the same
+        padding and buffer logic without CUDA, which is how it is tested on CPU."""
         if model.kernels.name != "triton":
             raise ValueError("CUDA graphs need the Triton kernels: the torch path syncs with the host")
         self.model = model
@@ -64,12 +69,19 @@ class DecodeGraphs:
         )
         self.block_tables = zeros(n, max_blocks_per_seq)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int64, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.use_graphs = use_graphs
+        self._replays: dict[int, Callable[[], torch.Tensor]] = {}
 
     def capture(self) -> None:
         """Capture a decode forward at every batch size (largest first, one shared memory pool)."""
-        pool = None
         self._reset_padding(0)
+        if not self.use_graphs:
+            for size in self.batch_sizes:
+                self._replays[size] = functools.partial(
+                    self.model, self.input_ids[:size], self.kv_caches, self._meta(size)
+                )
+            return
+        pool = None
         for size in reversed(self.batch_sizes):
             meta = self._meta(size)
             stream = torch.cuda.Stream()
@@ -81,17 +93,17 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.model(self.input_ids[:size], self.kv_caches, meta)
             pool = graph.pool()
-            self._graphs[size] = (graph, hidden)
+            self._replays[size] = functools.partial(_replay, graph, hidden)
         torch.cuda.synchronize()
         logger.info("captured decode CUDA graphs for batch sizes %s", self.batch_sizes)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        return not meta.prefills and 0 < meta.num_decodes <= self.max_batch and bool(self._graphs)
+        return not meta.prefills and 0 < meta.num_decodes <= self.max_batch and bool(self._replays)
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [S, D] of a decode-only step, by graph replay."""
         num_seqs = meta.num_decodes
-        size = next(b for b in self.batch_sizes if b >= num_seqs)
+        size = self.padded_size(num_seqs)
         width = meta.block_tables.shape[1]
         self.input_ids[:num_seqs].copy_(input_ids)
         self.positions[:num_seqs].copy_(meta.positions)
@@ -99,9 +111,7 @@ class DecodeGraphs:
         self.seq_lens[:num_seqs].copy_(meta.seq_lens)
         self.block_tables[:num_seqs, :width].copy_(meta.block_tables)
         self._reset_padding(num_seqs)
-        graph, hidden = self._graphs[size]
-        graph.replay()
-        return hidden[:num_seqs]
+        return self._replays[size]()[:num_seqs]
 
     def _reset_padding(self, first: int) -> None:
         """Rows from `first` on: write nowhere, attend to nothing, read token 0."""
@@ -109,6 +119,9 @@ class DecodeGraphs:
         self.seq_lens[first:].zero_()
         self.input_ids[first:].zero_()
         self.positions[first:].zero_()
+
+    def padded_size(self, num_seqs: int) -> int:
+        return next(b for b in self.batch_sizes if b >= num_seqs)
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -121,3 +134,8 @@ class DecodeGraphs:
             prefills=(),
             block_size=self.block_size,
         )
+
+
+def _replay(graph: torch.cuda.CUDAGraph, hidden: torch.Tensor) -> torch.Tensor:
+    graph.replay()
+    return hidden

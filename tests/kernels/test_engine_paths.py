@@ -7,6 +7,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import Engine
+from model.cuda_graphs import DecodeGraphs
 from model.loader import load_model
 from model.ops import select_kernels
 from tests.engine.helpers import EOS, greedy, run, tokens
@@ -53,3 +54,26 @@ def test_logits_equal_on_both_paths(hf_dir):
         ref, got = (models[k].step(step) for k in ("torch", "triton"))
         for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a, b, atol=max(1e-4, FP32_TOL["atol"]), rtol=0)
+
+
+def test_decode_graph_buffers_and_padding_keep_tokens_equal(hf_dir):
+    """The CUDA-graph runner's static buffers and padding rows (slot -1, length 0), replayed eagerly
+    on CPU: decode batches of 1-5 sequences run padded to 2, 4 or 8 rows, and the tokens stay the
+    torch path's. A padding row that wrote its KV (slot 0) or read a stale block would change them."""
+    triton_engine = engine(hf_dir, "triton")
+    runner = triton_engine.runner
+    graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.config.max_blocks_per_seq, [2, 4, 8], False)
+    graphs.capture()
+    runner.graphs = graphs
+    padded: list[int] = []
+    run_graph = graphs.run
+
+    def counting_run(input_ids, meta):
+        padded.append(graphs.padded_size(meta.num_decodes) - meta.num_decodes)
+        return run_graph(input_ids, meta)
+
+    graphs.run = counting_run
+    got = run(triton_engine, REQUESTS)
+    expected = run(engine(hf_dir, "torch"), REQUESTS)
+    assert {k: tokens(v) for k, v in got.items()} == {k: tokens(v) for k, v in expected.items()}
+    assert len(padded) >= 5 and any(padded)  # decode-only steps went through the buffers, some padded
