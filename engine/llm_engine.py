@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+import torch
+
 from engine.config import EngineConfig
 from engine.outputs import Logprob, RequestOutput, RequestRejected, TopLogprob
 from engine.request import FinishReason, Request
@@ -24,6 +26,9 @@ from model.mixtral import MixtralModel
 from tokenization.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
+
+# A request whose steps ran out of device memory this many times fails instead of being retried.
+MAX_OOM_RETRIES = 2
 
 
 class TextDecoder(Protocol):
@@ -113,6 +118,8 @@ class Engine:
         self.num_steps += 1
         try:
             run = self.runner.execute(sched)
+        except torch.OutOfMemoryError as exc:
+            return self._after_out_of_memory(sched.chunks, exc)
         except Exception as exc:  # the forward failed: fail this step's requests, keep serving
             logger.exception("model step failed; failing %d request(s)", len(sched.chunks))
             return [self._fail(c.request, exc) for c in sched.chunks]
@@ -127,6 +134,31 @@ class Engine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _after_out_of_memory(
+        self, chunks: Sequence[ScheduledChunk], exc: torch.OutOfMemoryError
+    ) -> list[RequestOutput]:
+        """Out of device memory in a step: give the allocator's cache back and requeue the step's
+        requests (their KV is dropped and recomputed later, as after a preemption, so the output
+        is the same). The largest request of the step (most tokens this step, then most tokens
+        in all) is held responsible: after MAX_OOM_RETRIES it fails instead, so one request too
+        large for the memory left cannot stall the server, and the others are never blamed."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        live = [c for c in chunks if not c.request.is_finished]
+        failed = []
+        if live:
+            culprit = max(live, key=lambda c: (len(c.token_ids), c.num_computed + len(c.token_ids))).request
+            culprit.num_oom_retries += 1
+            if culprit.num_oom_retries > MAX_OOM_RETRIES:
+                failed.append(culprit)
+        self.scheduler.requeue(c.request for c in live if c.request not in failed)
+        logger.warning(
+            "out of device memory in a step: requeued %d request(s), failed %d",
+            len(live) - len(failed),
+            len(failed),
+        )
+        return [self._fail(req, exc) for req in failed]
 
     def _postprocess(self, chunk: ScheduledChunk, run: RunnerOutput) -> RequestOutput | None:
         req = chunk.request

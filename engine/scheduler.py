@@ -124,6 +124,13 @@ class Scheduler:
             sample=start + n == request.num_tokens,
         )
 
+    def requeue(self, requests: Iterable[Request]) -> None:
+        """Preempt running `requests` (their KV is dropped, recomputed when readmitted), keeping
+        their admission order at the front of the queue."""
+        for request in sorted(requests, key=self.running.index, reverse=True):
+            self.running.remove(request)
+            self._preempt(request)
+
     def _preempt(self, request: Request) -> None:
         self.blocks.free(request)
         request.num_computed_tokens = 0

@@ -162,6 +162,47 @@ def test_failure_in_one_request_leaves_the_others_intact(hf_dir, alone):
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 
+def test_out_of_memory_in_a_step_requeues_and_output_is_unchanged(hf_dir, alone):
+    """RELIABILITY 14: torch.OutOfMemoryError injected in the runner twice (a prefill step and a
+    decode step): the step's requests are requeued, recomputed, and finish with the same tokens."""
+    engine = make_engine(hf_dir)
+    real_execute = engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(sched):
+        calls["n"] += 1
+        if calls["n"] in (1, 6):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_execute(sched)
+
+    engine.runner.execute = flaky
+    outs = run(engine, {rid: (p, greedy(24)) for rid, p in PROMPTS.items()})
+    assert {rid: tokens(outs[(rid, 0)]) for rid in PROMPTS} == alone
+    assert all(outs[(rid, 0)][-1].finish_reason is FinishReason.LENGTH for rid in PROMPTS)
+    assert engine.scheduler.num_preemptions == 2 * len(PROMPTS)  # every request was in both steps
+    assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+
+
+def test_request_that_keeps_running_out_of_memory_fails_and_others_go_on(hf_dir, alone):
+    engine = make_engine(hf_dir)
+    real_execute = engine.runner.execute
+
+    def oom_with_long_prompts(sched):
+        if any(c.request.num_prompt_tokens > 60 for c in sched.chunks):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_execute(sched)
+
+    engine.runner.execute = oom_with_long_prompts
+    outs = run(engine, {rid: (p, greedy(24)) for rid, p in PROMPTS.items()})
+    long = outs[("d", 0)]  # 68 prompt tokens: every step it is in runs out of memory
+    assert long[-1].finish_reason is FinishReason.ERROR and "OutOfMemoryError" in long[-1].error
+    assert engine._choices == {} and not engine.has_work
+    # The others were requeued alongside it (it alone was blamed), then went on without it.
+    for rid in ("a", "b", "c", "e"):
+        assert tokens(outs[(rid, 0)]) == alone[rid]
+    assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+
+
 def test_abort_frees_blocks_at_once(hf_dir):
     engine = make_engine(hf_dir)
     engine.add_request("x", PROMPTS["d"], greedy(50))
