@@ -51,6 +51,8 @@ class EngineStats:
     kv_cache_usage: float  # fraction of KV blocks in use
     num_preemptions: int
     num_steps: int
+    batch_size_buckets: tuple[tuple[str, int], ...] = ()  # cumulative (upper bound, steps)
+    batch_size_sum: int = 0
 
 
 class EngineNotReadyError(RuntimeError):
@@ -102,6 +104,8 @@ class AsyncEngine:
             kv_cache_usage=sched.blocks.usage,
             num_preemptions=sched.num_preemptions,
             num_steps=engine.num_steps,
+            batch_size_buckets=tuple(engine.batch_sizes.cumulative()),
+            batch_size_sum=engine.batch_sizes.sum,
         )
 
     def start(self) -> None:

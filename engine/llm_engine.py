@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from engine.config import EngineConfig
-from engine.outputs import Logprob, RequestOutput, RequestRejected, TopLogprob
+from engine.outputs import Logprob, RequestOutput, RequestRejected, StepHistogram, TopLogprob
 from engine.request import FinishReason, Request
 from engine.runner import ModelRunner, RunnerOutput
 from engine.sampler import TokenLogprob
@@ -55,6 +55,7 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}  # internal id -> detokenizer
         self._prompt_logprobs: dict[str, list[Logprob | None]] = {}
         self.num_steps = 0
+        self.batch_sizes = StepHistogram()  # sequences per step
 
     @property
     def has_work(self) -> bool:
@@ -116,6 +117,7 @@ class Engine:
         if not sched.chunks:
             return []
         self.num_steps += 1
+        self.batch_sizes.observe(len(sched.chunks))
         try:
             run = self.runner.execute(sched)
         except torch.OutOfMemoryError as exc:
@@ -204,6 +206,9 @@ class Engine:
             logprobs=logprobs,
             prompt_logprobs=prompt_lp,
             error=error,
+            queue_time=None
+            if req.first_scheduled_time is None
+            else req.first_scheduled_time - req.arrival_time,
         )
         if req.is_finished:
             self._forget(req)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from engine.request import FinishReason
@@ -44,6 +45,28 @@ class RequestOutput:
     logprobs: tuple[Logprob, ...] = ()  # one per new token, when requested
     prompt_logprobs: tuple[Logprob | None, ...] | None = None  # on the first output; None for token 0
     error: str | None = None  # set when finish_reason is ERROR
+    queue_time: float | None = None  # seconds from arrival to the request's first step
+
+
+class StepHistogram:
+    """Counts of a per-step quantity (sequences in the batch) in fixed buckets, for metrics."""
+
+    def __init__(self, buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last: above every bucket
+        self.sum = 0
+
+    def observe(self, value: int) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus histogram buckets: (upper bound, observations <= it), ending with +Inf."""
+        total, out = 0, []
+        for bound, count in zip([*map(str, self.buckets), "+Inf"], self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out
 
 
 class EngineError(RuntimeError):

@@ -48,6 +48,7 @@ class Request:
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     num_preemptions: int = 0
     num_oom_retries: int = 0  # steps of this request that ran out of device memory
+    first_scheduled_time: float | None = None  # monotonic time of its first step (queue time ends)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -10,6 +10,7 @@ freed, to be recomputed later); waiting requests are admitted while blocks, budg
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             chunks.append(self._chunk(request, n))
             budget -= n

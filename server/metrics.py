@@ -16,9 +16,9 @@ What is counted:
   last choice's final output (finished requests only, as vLLM).
 - Prompt tokens once per request, when its first output arrives (the prompt has been computed).
 
-Not measured (the engine does not report them): the time a request waits before its first step
-(`request_queue_time_seconds`) and the per-step batch size; average batch size is
-`rate(generation_tokens_total) / rate(engine_steps_total)`.
+- Queue time (`request_queue_time_seconds`): from arrival in the engine to the request's first
+  step, as the engine reports it on the first output; batch size (`batch_size`): sequences per
+  engine step, a histogram the engine keeps and the collector reads.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine.outputs import RequestOutput, RequestRejected
@@ -72,6 +72,13 @@ class _EngineCollector(Collector):
         )
         yield CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted", stats.num_preemptions)
         yield CounterMetricFamily(PREFIX + "engine_steps", "Engine iterations run", stats.num_steps)
+        if stats.batch_size_buckets:
+            yield HistogramMetricFamily(
+                PREFIX + "batch_size",
+                "Sequences per engine step",
+                buckets=list(stats.batch_size_buckets),
+                sum_value=stats.batch_size_sum,
+            )
 
 
 class Metrics:
@@ -101,6 +108,12 @@ class Metrics:
             PREFIX + "e2e_request_latency_seconds",
             "Time from arrival to the last output of finished requests",
             buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            PREFIX + "request_queue_time_seconds",
+            "Time from arrival to the first step of a request",
+            buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.request_prompt_tokens = Histogram(
@@ -168,6 +181,8 @@ class MeteredEngine:
                     first = False
                     m.prompt_tokens.inc(len(prompt_ids))
                     m.request_prompt_tokens.observe(len(prompt_ids))
+                    if out.queue_time is not None:
+                        m.queue_time.observe(out.queue_time)
                 if out.new_token_ids:
                     if not last:
                         m.ttft.observe(now - start)

@@ -31,6 +31,8 @@ NAMES = [
             "e2e_request_latency_seconds",
             "request_prompt_tokens",
             "request_generation_tokens",
+            "request_queue_time_seconds",
+            "batch_size",
         )
         for part in ("count", "sum")
     ),
@@ -112,6 +114,16 @@ def test_metrics_expose_the_names_and_move_with_every_route(server):
     assert delta(after, before, "engine_steps_total") >= tokens / requests
     ttft_le_inf = 'time_to_first_token_seconds_bucket{le="+Inf"}'
     assert delta(after, before, ttft_le_inf) == requests
+    assert delta(after, before, "request_queue_time_seconds_count") == requests
+    assert (
+        0
+        <= delta(after, before, "request_queue_time_seconds_sum")
+        <= delta(after, before, "time_to_first_token_seconds_sum")
+    )  # the wait before the first step is part of the time to the first token
+    # one observation per step, of its sequences: every token came out of one sequence-step
+    assert delta(after, before, "batch_size_count") == delta(after, before, "engine_steps_total")
+    assert delta(after, before, "batch_size_sum") >= tokens
+    assert after['batch_size_bucket{le="+Inf"}'] == after["batch_size_count"]
 
 
 def test_a_disconnect_counts_as_abort_and_a_refused_request_not_at_all(server):
