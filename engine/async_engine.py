@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from engine.llm_engine import Engine
-from engine.outputs import EngineDeadError, RequestOutput
+from engine.outputs import EngineDeadError, QueueTimeoutError, RequestOutput
+from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of every choice of the request as they are produced; ends when all finished.
 
-        Raises `RequestRejected` before any work for a request that can never be served, and
+        Raises `RequestRejected` before any work for a request that can never be served,
+        `QueueTimeoutError` for one that waited past `max_queue_time_s` without starting, and
         `EngineDeadError` if the engine is (or dies while) serving it. Leaving the iteration
         early (a client disconnect cancels the task) aborts the request.
         """
@@ -152,6 +154,9 @@ class AsyncEngine:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.finish_reason is FinishReason.QUEUE_TIMEOUT:  # dropped before any work
+                    remaining = 0
+                    raise QueueTimeoutError(item.error or "queue timeout")
                 remaining -= item.finished
                 yield item
         finally:

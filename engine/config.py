@@ -16,10 +16,13 @@ class EngineConfig:
     pack_cpu_weights: bool = True  # oneDNN-prepacked GEMM weights on CPU (model.packed_linear)
     kernels: str = "auto"  # "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton" (model.ops)
     cuda_graph_max_batch: int = 128  # decode batches up to this replay CUDA graphs; 0: always eager
+    max_queue_time_s: float | None = None  # a request not started within this is dropped; None: no bound
 
     def __post_init__(self) -> None:
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"kernels must be auto, torch or triton, got {self.kernels!r}")
+        if self.max_queue_time_s is not None and self.max_queue_time_s <= 0:
+            raise ValueError(f"max_queue_time_s must be positive or None, got {self.max_queue_time_s}")
         if self.cuda_graph_max_batch < 0:
             raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
         self._check_positive()

@@ -37,6 +37,7 @@ class EngineSpec:
     quantization: str = "none"  # "none", "8bit", "int8", "fp8": the experts' storage
     kernels: str = "auto"
     cuda_graph_max_batch: int = 128
+    max_queue_time_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,7 @@ def build_engine(
         enable_prefix_caching=spec.enable_prefix_caching,
         kernels=spec.kernels,
         cuda_graph_max_batch=spec.cuda_graph_max_batch,
+        max_queue_time_s=spec.max_queue_time_s,
     )
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # before CPU packing
     engine = Engine(model, config, encoder, encoder.eos_id, seed=spec.seed)

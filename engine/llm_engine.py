@@ -113,9 +113,10 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the outputs it produced (at most one per running choice)."""
+        expired = self._expire_overdue()
         sched = self.scheduler.schedule()
         if not sched.chunks:
-            return []
+            return expired
         self.num_steps += 1
         self.batch_sizes.observe(len(sched.chunks))
         try:
@@ -135,6 +136,21 @@ class Engine:
                 out = self._fail(chunk.request, exc)
             if out is not None:
                 outputs.append(out)
+        return expired + outputs
+
+    def _expire_overdue(self) -> list[RequestOutput]:
+        """Drop requests that waited past `max_queue_time_s` without starting (all their choices)."""
+        bound = self.config.max_queue_time_s
+        if bound is None or not self.scheduler.waiting:
+            return []
+        outputs = []
+        for late in self.scheduler.overdue(time.monotonic(), bound):
+            for req in self._choices.get(late.parent_id or late.request_id, [late]):
+                if req.is_finished:
+                    continue
+                self.scheduler.finish(req, FinishReason.QUEUE_TIMEOUT)
+                error = f"the request waited more than {bound:g} s for a slot and was not started"
+                outputs.append(self._output(req, (), "", (), error=error))
         return outputs
 
     def _after_out_of_memory(

@@ -85,5 +85,9 @@ class EngineDeadError(EngineError):
     """The engine loop stopped; no request can be served until the process restarts."""
 
 
+class QueueTimeoutError(EngineError):
+    """The request waited longer than the configured bound and was dropped before any work."""
+
+
 class RequestFailedError(EngineError):
     """Serving one request failed (the engine goes on serving the others)."""

@@ -19,6 +19,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens or the context window
     ABORT = "abort"  # the client went away or the request was cancelled
     ERROR = "error"  # serving this request failed; the others go on
+    QUEUE_TIMEOUT = "queue_timeout"  # waited longer than the configured bound before any work
 
 
 @dataclass(slots=True, eq=False)

@@ -127,6 +127,17 @@ class Scheduler:
             sample=start + n == request.num_tokens,
         )
 
+    def overdue(self, now: float, max_wait: float) -> list[Request]:
+        """Waiting requests that never ran and arrived more than `max_wait` seconds before `now`.
+
+        A later choice of an n > 1 request (it waits for its sibling) is never overdue by itself.
+        """
+        return [
+            r
+            for r in self.waiting
+            if r.first_scheduled_time is None and r.wait_for is None and now - r.arrival_time > max_wait
+        ]
+
     def requeue(self, requests: Iterable[Request]) -> None:
         """Preempt running `requests` (their KV is dropped, recomputed when readmitted), keeping
         their admission order at the front of the queue."""

@@ -140,6 +140,7 @@ def build_app(settings: ServerSettings):
         quantization=settings.quantization,
         kernels=settings.kernels,
         cuda_graph_max_batch=settings.cuda_graph_max_batch,
+        max_queue_time_s=settings.max_queue_time_s or None,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,

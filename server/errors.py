@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import EngineNotReadyError
-from engine.outputs import EngineDeadError, RequestRejected
+from engine.outputs import EngineDeadError, EngineError, QueueTimeoutError, RequestRejected
 from engine.sampling_params import InvalidSamplingParams
 from tokenization.errors import InvalidConversationError
 
@@ -99,6 +99,8 @@ def to_api_error(exc: Exception) -> APIError:
         return BadRequest(str(exc), param="messages", code=exc.code)
     if isinstance(exc, EngineDeadError):
         return ServiceUnavailable("The engine stopped; the server is restarting", "engine_dead")
+    if isinstance(exc, QueueTimeoutError):
+        return ServiceUnavailable(str(exc), "queue_timeout", retry_after=5)
     if isinstance(exc, EngineNotReadyError):
         return ServiceUnavailable("The model is still loading", "not_ready")
     logger.error("unexpected error: %s: %s", type(exc).__name__, exc)
@@ -145,6 +147,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), type_), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(EngineError)
+    @app.exception_handler(EngineNotReadyError)
+    async def _engine(request: Request, exc: Exception) -> JSONResponse:
+        # Expected conditions (queue timeout, engine restarting): mapped here, not by the
+        # catch-all below, which Starlette also re-raises to the server's error log.
+        return api_error_response(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

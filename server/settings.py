@@ -56,6 +56,7 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = 2 * 1024 * 1024
     cors_origins: StrList = Field(default_factory=list)
     max_waiting_requests: int = 256
+    max_queue_time_s: float = Field(default=120.0, ge=0)  # not started within this: 503; 0: no bound
     drain_timeout_s: float = 30.0
     log_level: str = "info"
     seed: int = 0

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from engine.async_engine import AsyncEngine
-from engine.outputs import EngineDeadError, RequestRejected
+from engine.outputs import EngineDeadError, QueueTimeoutError, RequestRejected
 from tests.engine.helpers import greedy, make_engine, tokens
 
 PROMPT = [1, *range(100, 120)]
@@ -101,3 +101,22 @@ def test_dead_loop_fails_every_waiter_promptly(hf_dir):
     results, elapsed = asyncio.run(main())
     assert all(isinstance(r, EngineDeadError) for r in results), results
     assert elapsed < 5
+
+
+def test_request_not_started_within_the_bound_raises_queue_timeout(hf_dir):
+    async def main():
+        engine = AsyncEngine(lambda: make_engine(hf_dir, max_num_seqs=1, max_queue_time_s=0.2))
+        engine.step_hook = lambda: time.sleep(0.005)  # >= 1 s for the 200 tokens of the first request
+        engine.start()
+        await engine.wait_ready()
+        first = asyncio.create_task(collect(engine, "first", params=greedy(200)))
+        await asyncio.sleep(0.05)  # "first" holds the only slot
+        with pytest.raises(QueueTimeoutError, match="waited more than 0.2 s"):
+            await collect(engine, "second")
+        done = await first
+        await engine.shutdown()
+        return done, engine
+
+    done, engine = asyncio.run(main())
+    assert len(tokens(done)) == 200  # the running request was not disturbed
+    assert engine.num_active_requests == 0

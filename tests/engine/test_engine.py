@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -201,6 +203,37 @@ def test_request_that_keeps_running_out_of_memory_fails_and_others_go_on(hf_dir,
     for rid in ("a", "b", "c", "e"):
         assert tokens(outs[(rid, 0)]) == alone[rid]
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+
+
+def test_request_waiting_past_the_queue_bound_is_dropped_before_any_work(hf_dir, alone):
+    """RELIABILITY 2: one running slot; "late" (n = 2) arrived 10 s ago and never started: dropped
+    at the next step with QUEUE_TIMEOUT for both choices and no tokens; "fresh" waits and runs."""
+    engine = make_engine(hf_dir, max_num_seqs=1, max_queue_time_s=5.0)
+    engine.add_request("a", PROMPTS["a"], greedy(24))
+    engine.step()  # "a" takes the only slot
+    now = time.monotonic()
+    engine.add_request(
+        "late", PROMPTS["b"], SamplingParams(temperature=0.0, max_tokens=4, n=2), arrival_time=now - 10
+    )
+    engine.add_request("fresh", PROMPTS["c"], greedy(24), arrival_time=now)
+    outs = run(engine, {})
+    late = [out for key, o in outs.items() if key[0] == "late" for out in o]
+    assert sorted(o.index for o in late) == [0, 1]
+    assert all(
+        o.finish_reason is FinishReason.QUEUE_TIMEOUT and o.finished and not o.new_token_ids for o in late
+    )
+    assert "waited more than 5 s" in late[0].error
+    assert tokens(outs[("fresh", 0)]) == alone["c"] and tokens(outs[("a", 0)]) == alone["a"][1:]
+    assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+    # A request that started is never dropped for its age, even when preempted back to the queue.
+    engine.add_request("started", PROMPTS["e"], greedy(24))
+    engine.step()
+    (started,) = engine._choices["started"]
+    started.arrival_time -= 100  # as if it had been running for 100 s
+    engine.scheduler.requeue([started])
+    assert engine.scheduler.waiting[0] is started
+    outs = run(engine, {})
+    assert tokens(outs[("started", 0)]) == alone["e"][1:]  # its first token came from the step above
 
 
 def test_abort_frees_blocks_at_once(hf_dir):

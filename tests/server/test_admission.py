@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fastapi.testclient import TestClient
 
+from engine.outputs import QueueTimeoutError
 from server.app import create_app
 from server.settings import ServerSettings
 from server.state import AppState, ServedModel
@@ -53,3 +54,19 @@ def test_not_ready_then_draining(hf_dir):
     assert (
         r.status_code == 503 and r.json()["error"]["code"] == "shutting_down" and "retry-after" in r.headers
     )
+
+
+@dataclass
+class QueueTimeoutEngine(FakeEngine):
+    async def generate(self, *args, **kwargs):
+        raise QueueTimeoutError("the request waited more than 120 s for a slot and was not started")
+        yield  # an async generator, like the real engine's
+
+
+def test_queue_timeout_is_503_with_retry_after_streaming_or_not(hf_dir):
+    client, _ = app_with(QueueTimeoutEngine(), hf_dir, limit=10)
+    for body in (BODY, BODY | {"stream": True}):
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "queue_timeout" and "waited more than 120 s" in r.text
+        assert int(r.headers["retry-after"]) >= 1
