@@ -156,7 +156,7 @@ class AsyncEngine:
                     raise item
                 if item.finish_reason is FinishReason.QUEUE_TIMEOUT:  # dropped before any work
                     remaining = 0
-                    raise QueueTimeoutError(item.error or "queue timeout")
+                    raise QueueTimeoutError(item.error or "queue timeout", item.queue_time)
                 remaining -= item.finished
                 yield item
         finally:

@@ -8,8 +8,10 @@ keeps serving the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -119,13 +121,15 @@ class Engine:
             return expired
         self.num_steps += 1
         self.batch_sizes.observe(len(sched.chunks))
+        self._restart_prompt_logprobs(sched.preempted)
         try:
             run = self.runner.execute(sched)
-        except torch.OutOfMemoryError as exc:
-            return self._after_out_of_memory(sched.chunks, exc)
+        except torch.cuda.OutOfMemoryError as exc:
+            traceback.clear_frames(exc.__traceback__)  # let the failed step's tensors go
+            return expired + self._after_out_of_memory(sched.chunks, exc)
         except Exception as exc:  # the forward failed: fail this step's requests, keep serving
             logger.exception("model step failed; failing %d request(s)", len(sched.chunks))
-            return [self._fail(c.request, exc) for c in sched.chunks]
+            return expired + [self._fail(c.request, exc) for c in sched.chunks]
         self.scheduler.update(sched, run.sampled)
         outputs = []
         for chunk in sched.chunks:
@@ -139,22 +143,34 @@ class Engine:
         return expired + outputs
 
     def _expire_overdue(self) -> list[RequestOutput]:
-        """Drop requests that waited past `max_queue_time_s` without starting (all their choices)."""
+        """Drop requests that waited past `max_queue_time_s` with none of their choices started."""
         bound = self.config.max_queue_time_s
         if bound is None or not self.scheduler.waiting:
             return []
         outputs = []
-        for late in self.scheduler.overdue(time.monotonic(), bound):
-            for req in self._choices.get(late.parent_id or late.request_id, [late]):
+        now = time.monotonic()
+        for late in self.scheduler.overdue(now, bound):
+            choices = self._choices.get(late.parent_id or late.request_id, [late])
+            if any(c.first_scheduled_time is not None for c in choices):
+                continue  # a sibling has started: the request is being served
+            for req in choices:
                 if req.is_finished:
                     continue
                 self.scheduler.finish(req, FinishReason.QUEUE_TIMEOUT)
                 error = f"the request waited more than {bound:g} s for a slot and was not started"
-                outputs.append(self._output(req, (), "", (), error=error))
+                out = self._output(req, (), "", (), error=error)
+                outputs.append(dataclasses.replace(out, queue_time=now - req.arrival_time))
         return outputs
 
+    def _restart_prompt_logprobs(self, requests: Sequence[Request]) -> None:
+        """Preempted before their first token: their prompt is recomputed from the start, and so
+        are its logprobs; drop the entries gathered so far."""
+        for req in requests:
+            if req.num_output_tokens == 0:
+                self._prompt_logprobs.pop(req.request_id, None)
+
     def _after_out_of_memory(
-        self, chunks: Sequence[ScheduledChunk], exc: torch.OutOfMemoryError
+        self, chunks: Sequence[ScheduledChunk], exc: torch.cuda.OutOfMemoryError
     ) -> list[RequestOutput]:
         """Out of device memory in a step: give the allocator's cache back and requeue the step's
         requests (their KV is dropped and recomputed later, as after a preemption, so the output
@@ -170,10 +186,12 @@ class Engine:
             culprit.num_oom_retries += 1
             if culprit.num_oom_retries > MAX_OOM_RETRIES:
                 failed.append(culprit)
-        self.scheduler.requeue(c.request for c in live if c.request not in failed)
+        requeued = [c.request for c in live if c.request not in failed]
+        self.scheduler.requeue(requeued)
+        self._restart_prompt_logprobs(requeued)
         logger.warning(
             "out of device memory in a step: requeued %d request(s), failed %d",
-            len(live) - len(failed),
+            len(requeued),
             len(failed),
         )
         return [self._fail(req, exc) for req in failed]

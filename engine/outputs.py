@@ -45,7 +45,7 @@ class RequestOutput:
     logprobs: tuple[Logprob, ...] = ()  # one per new token, when requested
     prompt_logprobs: tuple[Logprob | None, ...] | None = None  # on the first output; None for token 0
     error: str | None = None  # set when finish_reason is ERROR
-    queue_time: float | None = None  # seconds from arrival to the request's first step
+    queue_time: float | None = None  # seconds from arrival to its first step (or to its queue timeout)
 
 
 class StepHistogram:
@@ -63,7 +63,7 @@ class StepHistogram:
     def cumulative(self) -> list[tuple[str, int]]:
         """Prometheus histogram buckets: (upper bound, observations <= it), ending with +Inf."""
         total, out = 0, []
-        for bound, count in zip([*map(str, self.buckets), "+Inf"], self.counts, strict=True):
+        for bound, count in zip([*(str(float(b)) for b in self.buckets), "+Inf"], self.counts, strict=True):
             total += count
             out.append((bound, total))
         return out
@@ -87,6 +87,10 @@ class EngineDeadError(EngineError):
 
 class QueueTimeoutError(EngineError):
     """The request waited longer than the configured bound and was dropped before any work."""
+
+    def __init__(self, message: str, waited: float | None = None) -> None:
+        super().__init__(message)
+        self.waited = waited  # seconds it spent in the queue
 
 
 class RequestFailedError(EngineError):

@@ -70,8 +70,27 @@ class ModelRunner:
         """Forget per-request state of a finished request."""
         self._generators.pop(request_id, None)
 
-    @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        """Run one step. If it raises, the seeded generators of its requests are as before it, so
+        a step retried later (after an out-of-memory requeue) draws the same numbers."""
+        saved = {
+            rid: self._generators[rid].get_state()
+            for rid in (c.request.request_id for c in output.chunks)
+            if rid in self._generators
+        }
+        try:
+            return self._execute(output)
+        except BaseException:
+            for chunk in output.chunks:
+                rid = chunk.request.request_id
+                if rid in saved:
+                    self._generators[rid].set_state(saved[rid])
+                else:
+                    self._generators.pop(rid, None)  # created by the failed step: start afresh
+            raise
+
+    @torch.inference_mode()
+    def _execute(self, output: SchedulerOutput) -> RunnerOutput:
         chunks = sorted(output.chunks, key=lambda c: len(c.token_ids) != 1)  # decodes first (stable)
         batch = self.builder.build([SequenceChunk(c.token_ids, c.num_computed, c.block_ids) for c in chunks])
         if self.graphs is not None and self.graphs.can_run(batch.attn):

@@ -9,16 +9,16 @@ preemptions, steps) are read from `engine.stats()` at scrape time by a custom co
 What is counted:
 - `request_success_total{finished_reason}`: one per choice when it ends: `stop`, `length`,
   `error` (an error output, or the engine raising while serving it), `abort` (the caller left
-  before it finished: a client disconnect). A request refused before any work (400
-  `RequestRejected`) is not counted at all.
+  before it finished: a client disconnect), `queue_timeout` (not started within the bound). A
+  request refused before any work (400 `RequestRejected`) is not counted at all.
 - TTFT: from the call to `generate` to the first output carrying tokens; inter-token latency:
   between consecutive token-carrying outputs of the same choice; end-to-end: from the call to the
   last choice's final output (finished requests only, as vLLM).
 - Prompt tokens once per request, when its first output arrives (the prompt has been computed).
 
 - Queue time (`request_queue_time_seconds`): from arrival in the engine to the request's first
-  step, as the engine reports it on the first output; batch size (`batch_size`): sequences per
-  engine step, a histogram the engine keeps and the collector reads.
+  step, as the engine reports it on the first output (or to its queue timeout); batch size
+  (`batch_size`): sequences per engine step, a histogram the engine keeps and the collector reads.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.outputs import RequestOutput, RequestRejected
+from engine.outputs import QueueTimeoutError, RequestOutput, RequestRejected
 from engine.sampling_params import SamplingParams
 
 PREFIX = "mixtral:"
-FINISH_REASONS = ("stop", "length", "error", "abort")  # the only values of `finished_reason`
+# the only values of `finished_reason`
+FINISH_REASONS = ("stop", "length", "error", "abort", "queue_timeout")
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
     40.0, 80.0, 160.0, 640.0,
@@ -200,6 +201,11 @@ class MeteredEngine:
                 yield out
         except RequestRejected:
             outcome = ""  # refused before any work: a 400, not a served request
+            raise
+        except QueueTimeoutError as exc:  # dropped before any work: a 503, counted apart
+            outcome = "queue_timeout"
+            if exc.waited is not None:
+                m.queue_time.observe(exc.waited)
             raise
         except Exception:
             outcome = "error"

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from engine.llm_engine import MAX_OOM_RETRIES
 from engine.outputs import RequestRejected
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
@@ -189,8 +190,11 @@ def test_request_that_keeps_running_out_of_memory_fails_and_others_go_on(hf_dir,
     engine = make_engine(hf_dir)
     real_execute = engine.runner.execute
 
+    ooms = []
+
     def oom_with_long_prompts(sched):
         if any(c.request.num_prompt_tokens > 60 for c in sched.chunks):
+            ooms.append(len(sched.chunks))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_execute(sched)
 
@@ -198,11 +202,74 @@ def test_request_that_keeps_running_out_of_memory_fails_and_others_go_on(hf_dir,
     outs = run(engine, {rid: (p, greedy(24)) for rid, p in PROMPTS.items()})
     long = outs[("d", 0)]  # 68 prompt tokens: every step it is in runs out of memory
     assert long[-1].finish_reason is FinishReason.ERROR and "OutOfMemoryError" in long[-1].error
+    assert len(ooms) == MAX_OOM_RETRIES + 1  # retried twice, failed on the third
     assert engine._choices == {} and not engine.has_work
     # The others were requeued alongside it (it alone was blamed), then went on without it.
     for rid in ("a", "b", "c", "e"):
         assert tokens(outs[(rid, 0)]) == alone[rid]
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+
+
+def test_out_of_memory_after_sampling_keeps_seeded_tokens_and_prompt_logprobs(hf_dir):
+    """The step fails after the sampler drew its random numbers (seeded generators advanced) and
+    after some prompt chunks gathered logprobs: the retried request samples the same tokens and
+    reports each prompt logprob once."""
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=8, prompt_logprobs=1)
+    requests = {"s": (PROMPTS["d"], params)}  # 68 prompt tokens, chunks of 16
+    clean = run(make_engine(hf_dir, max_num_batched_tokens=16), requests)[("s", 0)]
+    engine = make_engine(hf_dir, max_num_batched_tokens=16)
+    real_sampler = engine.runner.sampler
+    calls = {"n": 0}
+
+    def sample_then_fail(logits, rows):
+        result = real_sampler(logits, rows)  # generators advanced
+        calls["n"] += 1
+        if calls["n"] == 2:  # a decode step (2 of the request's MAX_OOM_RETRIES with the one below)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return result
+
+    engine.runner.sampler = sample_then_fail
+    failing_prefill = {"n": 0}
+    real_execute = engine.runner.execute
+
+    def fail_second_chunk(sched):
+        failing_prefill["n"] += 1
+        if failing_prefill["n"] == 2:  # prompt chunk 2 of 5: chunk 1's logprobs are already kept
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_execute(sched)
+
+    engine.runner.execute = fail_second_chunk
+    got = run(engine, requests)[("s", 0)]
+    assert tokens(got) == tokens(clean) and calls["n"] == len(clean) + 1
+    assert len(got[0].prompt_logprobs) == len(clean[0].prompt_logprobs) == len(PROMPTS["d"])
+    assert [e and e.logprob for e in got[0].prompt_logprobs] == pytest.approx(
+        [e and e.logprob for e in clean[0].prompt_logprobs], abs=1e-5
+    )
+
+
+def test_queue_timeout_outputs_survive_a_failing_step_and_started_n_requests_are_kept(hf_dir):
+    # An overdue request expires in the same step that then runs out of memory: its output is
+    # still delivered (a waiter must never hang).
+    engine = make_engine(hf_dir, max_num_seqs=1, max_queue_time_s=5.0)
+    engine.add_request("a", PROMPTS["a"], greedy(4))
+    engine.step()
+    engine.add_request("late", PROMPTS["b"], greedy(4), arrival_time=time.monotonic() - 10)
+    real_execute = engine.runner.execute
+    engine.runner.execute = lambda sched: (_ for _ in ()).throw(torch.OutOfMemoryError("injected"))
+    (out,) = engine.step()
+    assert out.request_id == "late" and out.finish_reason is FinishReason.QUEUE_TIMEOUT
+    assert out.queue_time >= 10
+    engine.runner.execute = real_execute
+    assert tokens(run(engine, {})[("a", 0)])  # "a" was requeued and finishes
+    # n = 2 without the prefix cache: choice 0 runs in the only slot while choice 1 waits past the
+    # bound. The request has started, so choice 1 is not dropped: it runs after choice 0.
+    engine = make_engine(hf_dir, max_num_seqs=1, max_queue_time_s=5.0, enable_prefix_caching=False)
+    engine.add_request("n2", PROMPTS["c"], SamplingParams(temperature=0.0, max_tokens=4, n=2))
+    engine.step()
+    for choice in engine._choices["n2"]:
+        choice.arrival_time -= 10
+    outs = run(engine, {})
+    assert [o[-1].finish_reason for o in outs.values()] == [FinishReason.LENGTH] * 2
 
 
 def test_request_waiting_past_the_queue_bound_is_dropped_before_any_work(hf_dir, alone):

@@ -22,7 +22,10 @@ NAMES = [
     "engine_steps_total",
     "prompt_tokens_total",
     "generation_tokens_total",
-    *(f'request_success_total{{finished_reason="{r}"}}' for r in ("stop", "length", "error", "abort")),
+    *(
+        f'request_success_total{{finished_reason="{r}"}}'
+        for r in ("stop", "length", "error", "abort", "queue_timeout")
+    ),
     *(
         f"{h}_{part}"
         for h in (
