@@ -158,19 +158,6 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) 
     return model.eval()
 
 
-@torch.no_grad()
-def quantize_experts(model: MixtralModel, scheme: WeightQuant) -> None:
-    """Replace every layer's 16-bit experts by 8-bit ones, one tensor at a time."""
-    for layer in model.layers:
-        ffn = layer.ffn
-        for name in ("w13", "w2"):
-            q, scale = quantize_rows(getattr(ffn, name), scheme)
-            setattr(ffn, name, torch.nn.Parameter(q, requires_grad=False))
-            setattr(ffn, f"{name}_scale", torch.nn.Parameter(scale, requires_grad=False))
-        ffn.quant = scheme
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-
-
 def decode_chunks(plan: Plan, batch: int) -> list[SequenceChunk]:
     """`batch` sequences of plan.context cached tokens, one new token each, in disjoint blocks."""
     n, vocab = plan.blocks_per_decode, plan.config.vocab_size
@@ -308,7 +295,9 @@ def main() -> int:
 
     if not args.skip_8bit:
         scheme = resolve_quant("8bit", device)
-        quantize_experts(model, scheme)
+        model.quantize_experts_(scheme)  # one matrix at a time: no second 16-bit copy
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(f"speed ({scheme.value} experts, bf16 activations):", flush=True)
         results[scheme.value] = measure(model, kv, builder, plan, triton_kernels, timer, ceiling, 1.0, False)
 

@@ -123,7 +123,7 @@ class MixtralModel(nn.Module):
             layer.ffn.kernels = kernels
 
     def quantize_experts_(self, scheme: WeightQuant) -> None:
-        """Give every layer's experts 8-bit storage; for a model on the meta device, before loading."""
+        """Store every layer's experts in 8 bits (empty on the meta device, see `FeedForward.quantize_`)."""
         for layer in self.layers:
             layer.ffn.quantize_(scheme)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.packed_linear import PackedLinear, pack_weight, packed_linear
-from model.quant import WeightQuant, quantized_linear
+from model.quant import WeightQuant, quantize_rows, quantized_linear
 
 if TYPE_CHECKING:
     from model.ops import Kernels
@@ -132,10 +132,6 @@ class ExpertWeights:
     w13_scale: torch.Tensor | None = None  # [E, 2F]
     w2_scale: torch.Tensor | None = None  # [E, D]
 
-    @property
-    def quantized(self) -> bool:
-        return self.w13_scale is not None
-
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's SwiGLU on x [n, D] on the torch path."""
         if self.w13_scale is None or self.w2_scale is None:
@@ -160,7 +156,6 @@ class FeedForward(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
         self.w13_scale: nn.Parameter | None = None  # [E, 2F] fp32, 8-bit weights only
         self.w2_scale: nn.Parameter | None = None  # [E, D] fp32
-        self.quant = WeightQuant.NONE
         self.gate: nn.Module | None = None  # the router; a dense FFN has none
         if num_experts > 1:
             self.gate = nn.Linear(hidden_size, num_experts, bias=False)
@@ -184,17 +179,25 @@ class FeedForward(nn.Module):
             return packed_linear(silu_and_mul(packed_linear(x, w13)), w2)
         return self.expert_weights().expert(e, x)
 
+    @property
+    def quant(self) -> WeightQuant:
+        """How the experts are stored, read off their dtype."""
+        return WeightQuant.from_dtype(self.w13.dtype)
+
     @torch.no_grad()
     def quantize_(self, scheme: WeightQuant) -> None:
-        """Give the experts 8-bit storage (empty, same device: meant for a model on the meta device)."""
-        self.quant = scheme
+        """Store the experts in 8 bits. On the meta device (before loading) the new storage is
+        empty; elsewhere the current weights are quantized, one matrix at a time."""
         if scheme is WeightQuant.NONE:
             return
-        device = self.w13.device
         for name in ("w13", "w2"):
-            shape = getattr(self, name).shape
-            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=scheme.dtype, device=device), False))
-            scale = torch.empty(shape[:-1], dtype=torch.float32, device=device)
+            weight = getattr(self, name)
+            if weight.is_meta:
+                q = torch.empty(weight.shape, dtype=scheme.dtype, device=weight.device)
+                scale = torch.empty(weight.shape[:-1], dtype=torch.float32, device=weight.device)
+            else:
+                q, scale = quantize_rows(weight, scheme)
+            setattr(self, name, nn.Parameter(q, requires_grad=False))
             setattr(self, f"{name}_scale", nn.Parameter(scale, requires_grad=False))
 
     def pack_for_cpu(self) -> None:

@@ -28,6 +28,11 @@ class WeightQuant(StrEnum):
     def dtype(self) -> torch.dtype | None:
         return {WeightQuant.INT8: torch.int8, WeightQuant.FP8: torch.float8_e4m3fn}.get(self)
 
+    @classmethod
+    def from_dtype(cls, dtype: torch.dtype) -> WeightQuant:
+        """The scheme whose storage dtype this is; NONE for any other dtype."""
+        return next((scheme for scheme in cls if scheme.dtype == dtype), cls.NONE)
+
     @property
     def max_value(self) -> float:
         return {WeightQuant.INT8: 127.0, WeightQuant.FP8: 448.0}[self]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.loader import load_model
-from model.moe import ExpertWeights, grouped_experts, grouped_swiglu, route
+from model.moe import ExpertWeights, FeedForward, grouped_experts, grouped_swiglu, route
 from model.quant import WeightQuant, dequantize_rows, quantize_rows, quantized_linear, resolve_quant
 from tests.model.paged import PagedHarness
 from tests.model.test_against_transformers import PROMPTS
@@ -98,3 +98,17 @@ def test_stacked_weights_quantize_matrix_by_matrix_and_input_is_untouched(scheme
         for j in range(2):
             q1, s1 = quantize_rows(w[i, j], scheme)
             assert torch.equal(q[i, j].float(), q1.float()) and torch.equal(scale[i, j], s1)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.value)
+def test_feed_forward_quantizes_live_weights_and_reports_its_scheme(scheme):
+    ffn = FeedForward(64, 96, num_experts=4, top_k=2)
+    torch.nn.init.normal_(ffn.w13, std=0.1)
+    torch.nn.init.normal_(ffn.w2, std=0.1)
+    w13, w2 = ffn.w13.detach().clone(), ffn.w2.detach().clone()
+    assert ffn.quant is WeightQuant.NONE
+    ffn.quantize_(scheme)
+    assert ffn.quant is scheme
+    for q, scale, w in ((ffn.w13, ffn.w13_scale, w13), (ffn.w2, ffn.w2_scale, w2)):
+        expected_q, expected_scale = quantize_rows(w, scheme)
+        assert torch.equal(q.float(), expected_q.float()) and torch.equal(scale, expected_scale)
