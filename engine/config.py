@@ -25,9 +25,6 @@ class EngineConfig:
             raise ValueError(f"max_queue_time_s must be positive or None, got {self.max_queue_time_s}")
         if self.cuda_graph_max_batch < 0:
             raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
-        self._check_positive()
-
-    def _check_positive(self) -> None:
         for name in (
             "max_model_len",
             "num_kv_blocks",

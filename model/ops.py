@@ -10,7 +10,6 @@ object; everything else (projections, norms, rotary, routing) is plain torch on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -52,17 +51,16 @@ class TorchKernels:
         return grouped_experts(x, routing, weights.w13.shape[0], weights.expert)
 
 
-@dataclass(frozen=True)
 class TritonKernels:
-    upcast: bool = False  # fp32 dots: for the interpreter, whose bf16 tl.dot is wrong
-    name: str = "triton"
+    name = "triton"
 
-    def __post_init__(self) -> None:
+    def __init__(self, upcast: bool = False) -> None:
         # Import here so the CPU path never needs triton; fail at selection, not mid-forward.
         from model.kernels import fused_moe, paged_attention
 
-        object.__setattr__(self, "_moe", fused_moe)
-        object.__setattr__(self, "_attn", paged_attention)
+        self.upcast = upcast  # fp32 dots: for the interpreter, whose bf16 tl.dot is wrong
+        self._moe = fused_moe
+        self._attn = paged_attention
 
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         self._attn.write_kv(kv_cache, k, v, slots)

@@ -96,35 +96,27 @@ class Metrics:
             registry=r,
         )
         self.by_reason = {reason: self.success.labels(reason) for reason in FINISH_REASONS}
-        self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=r
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, buckets=buckets, registry=r)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS)
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between consecutive tokens of a choice", ITL_BUCKETS
         )
-        self.itl = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Time between consecutive tokens of a choice",
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
+        self.e2e = histogram(
+            "e2e_request_latency_seconds",
             "Time from arrival to the last output of finished requests",
-            buckets=E2E_BUCKETS,
-            registry=r,
+            E2E_BUCKETS,
         )
-        self.queue_time = Histogram(
-            PREFIX + "request_queue_time_seconds",
-            "Time from arrival to the first step of a request",
-            buckets=TTFT_BUCKETS,
-            registry=r,
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Time from arrival to the first step of a request", TTFT_BUCKETS
         )
-        self.request_prompt_tokens = Histogram(
-            PREFIX + "request_prompt_tokens", "Prompt tokens per request", buckets=TOKEN_BUCKETS, registry=r
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS
         )
-        self.request_generation_tokens = Histogram(
-            PREFIX + "request_generation_tokens",
-            "Generated tokens per finished request (all choices)",
-            buckets=TOKEN_BUCKETS,
-            registry=r,
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per finished request (all choices)", TOKEN_BUCKETS
         )
         r.register(_EngineCollector(engine))
 
