@@ -1,9 +1,9 @@
 """The synchronous engine core: requests in, per-step outputs out. One thread drives it.
 
 A step schedules, runs the model, applies token-level stops, then detokenizes each sequence's
-new token and checks its stop strings. A failure while post-processing one request fails that
-request only; a failure of the forward itself fails the requests of that step, and the engine
-keeps serving the rest.
+new token and checks its stop strings. A failure while serving one request fails that request
+only: post-processing is guarded per request, and a forward that fails over several requests is
+retried one request at a time to find the one that breaks it. The engine keeps serving the rest.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Protocol
 import torch
 
 from engine.config import EngineConfig
-from engine.outputs import Logprob, RequestOutput, RequestRejected, StepHistogram, TopLogprob
+from engine.outputs import ErrorCode, Logprob, RequestOutput, RequestRejected, StepHistogram, TopLogprob
 from engine.request import FinishReason, Request
 from engine.runner import ModelRunner, RunnerOutput
 from engine.sampler import TokenLogprob
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledChunk, Scheduler
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from model.mixtral import MixtralModel
 from tokenization.detokenizer import IncrementalDetokenizer
 
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 # A request whose steps ran out of device memory this many times fails instead of being retried.
 MAX_OOM_RETRIES = 2
+_NOTHING_RAN = SchedulerOutput((), ())
 
 
 class TextDecoder(Protocol):
@@ -122,17 +123,10 @@ class Engine:
         self.num_steps += 1
         self.batch_sizes.observe(len(sched.chunks))
         self._restart_prompt_logprobs(sched.preempted)
-        try:
-            run = self.runner.execute(sched)
-        except torch.cuda.OutOfMemoryError as exc:
-            traceback.clear_frames(exc.__traceback__)  # let the failed step's tensors go
-            return expired + self._after_out_of_memory(sched.chunks, exc)
-        except Exception as exc:  # the forward failed: fail this step's requests, keep serving
-            logger.exception("model step failed; failing %d request(s)", len(sched.chunks))
-            return expired + [self._fail(c.request, exc) for c in sched.chunks]
-        self.scheduler.update(sched, run.sampled)
-        outputs = []
-        for chunk in sched.chunks:
+        ran, run, failed = self._execute(sched)
+        self.scheduler.update(ran, run.sampled)
+        outputs = expired + failed
+        for chunk in ran.chunks:
             try:
                 out = self._postprocess(chunk, run)
             except Exception as exc:
@@ -140,7 +134,43 @@ class Engine:
                 out = self._fail(chunk.request, exc)
             if out is not None:
                 outputs.append(out)
-        return expired + outputs
+        return outputs
+
+    def _execute(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, RunnerOutput, list[RequestOutput]]:
+        """Run the step's forward: (the part of the step that ran, what it produced, outputs of
+        the requests it failed).
+
+        Out of device memory requeues the step's requests (see `_after_out_of_memory`). Any other
+        failure of a forward over several requests is retried one request at a time, so the
+        request that breaks the forward fails alone and the others go on unchanged (their KV
+        slots are simply written again; seeded generators were restored by the runner).
+        """
+        try:
+            return sched, self.runner.execute(sched), []
+        except torch.cuda.OutOfMemoryError as exc:
+            traceback.clear_frames(exc.__traceback__)  # let the failed step's tensors go
+            return _NOTHING_RAN, RunnerOutput({}, {}, {}), self._after_out_of_memory(sched.chunks, exc)
+        except Exception as exc:
+            if len(sched.chunks) == 1:
+                request = sched.chunks[0].request
+                logger.exception("model step failed; failing request %s", request.request_id)
+                return _NOTHING_RAN, RunnerOutput({}, {}, {}), [self._fail(request, exc)]
+            traceback.clear_frames(exc.__traceback__)
+            logger.warning(
+                "model step of %d requests failed (%s: %s); retrying each alone",
+                len(sched.chunks), type(exc).__name__, exc,
+            )  # fmt: skip
+        ran: list[ScheduledChunk] = []
+        merged = RunnerOutput({}, {}, {})
+        failed: list[RequestOutput] = []
+        for chunk in sched.chunks:
+            one, run, fails = self._execute(SchedulerOutput((chunk,), ()))
+            ran += one.chunks
+            merged.sampled.update(run.sampled)
+            merged.logprobs.update(run.logprobs)
+            merged.prompt_logprobs.update(run.prompt_logprobs)
+            failed += fails
+        return SchedulerOutput(tuple(ran), sched.preempted), merged, failed
 
     def _expire_overdue(self) -> list[RequestOutput]:
         """Drop requests that waited past `max_queue_time_s` with none of their choices started."""
@@ -158,7 +188,7 @@ class Engine:
                     continue
                 self.scheduler.finish(req, FinishReason.QUEUE_TIMEOUT)
                 error = f"the request waited more than {bound:g} s for a slot and was not started"
-                out = self._output(req, (), "", (), error=error)
+                out = self._output(req, (), "", (), error=error, error_code="queue_timeout")
                 outputs.append(dataclasses.replace(out, queue_time=now - req.arrival_time))
         return outputs
 
@@ -222,6 +252,7 @@ class Engine:
         text: str,
         logprobs: tuple[Logprob, ...],
         error: str | None = None,
+        error_code: ErrorCode | None = None,
     ) -> RequestOutput:
         prompt_lp = None
         if req.params.prompt_logprobs is not None and req.num_output_tokens <= 1:
@@ -240,6 +271,7 @@ class Engine:
             logprobs=logprobs,
             prompt_logprobs=prompt_lp,
             error=error,
+            error_code=error_code,
             queue_time=None
             if req.first_scheduled_time is None
             else req.first_scheduled_time - req.arrival_time,
@@ -250,7 +282,8 @@ class Engine:
 
     def _fail(self, req: Request, exc: BaseException) -> RequestOutput:
         self.scheduler.finish(req, FinishReason.ERROR)
-        return self._output(req, (), "", (), error=f"{type(exc).__name__}: {exc}"[:500])
+        code = "out_of_memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else "internal_error"
+        return self._output(req, (), "", (), error=f"{type(exc).__name__}: {exc}"[:500], error_code=code)
 
     def _forget(self, req: Request) -> None:
         self.runner.release(req.request_id)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Literal
 
 from engine.request import FinishReason
+
+# Why a request failed: its forward or post-processing raised; it kept running out of device
+# memory (worth retrying later); it waited too long for a slot and was never started.
+ErrorCode = Literal["internal_error", "out_of_memory", "queue_timeout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +49,8 @@ class RequestOutput:
     num_cached_tokens: int
     logprobs: tuple[Logprob, ...] = ()  # one per new token, when requested
     prompt_logprobs: tuple[Logprob | None, ...] | None = None  # on the first output; None for token 0
-    error: str | None = None  # set when finish_reason is ERROR
+    error: str | None = None  # set when finish_reason is ERROR or QUEUE_TIMEOUT (for logs, not clients)
+    error_code: ErrorCode | None = None  # set with `error`
     queue_time: float | None = None  # seconds from arrival to its first step (or to its queue timeout)
 
 
@@ -95,3 +101,7 @@ class QueueTimeoutError(EngineError):
 
 class RequestFailedError(EngineError):
     """Serving one request failed (the engine goes on serving the others)."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code

@@ -15,7 +15,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import EngineNotReadyError
-from engine.outputs import EngineDeadError, EngineError, QueueTimeoutError, RequestRejected
+from engine.outputs import (
+    EngineDeadError,
+    EngineError,
+    QueueTimeoutError,
+    RequestFailedError,
+    RequestRejected,
+)
 from engine.sampling_params import InvalidSamplingParams
 from tokenization.errors import InvalidConversationError
 
@@ -62,6 +68,14 @@ class NotFound(APIError):
     type = "not_found_error"
 
 
+class InternalError(APIError):
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="internal_error")
+
+
 class ServiceUnavailable(APIError):
     status = 503
     type = "service_unavailable"
@@ -103,10 +117,15 @@ def to_api_error(exc: Exception) -> APIError:
         return ServiceUnavailable(str(exc), "queue_timeout", retry_after=5)
     if isinstance(exc, EngineNotReadyError):
         return ServiceUnavailable("The model is still loading", "not_ready")
+    if isinstance(exc, RequestFailedError):
+        logger.warning("request failed in the engine (%s): %s", exc.code, exc)
+        if exc.code == "out_of_memory":
+            return ServiceUnavailable(
+                "The server ran out of accelerator memory serving this request; retry later", "out_of_memory"
+            )
+        return InternalError("Generating the completion failed; the cause is in the server's log")
     logger.error("unexpected error: %s: %s", type(exc).__name__, exc)
-    error = APIError("Internal server error", code="internal_error")
-    error.status, error.type = 500, "internal_error"
-    return error
+    return InternalError("Internal server error")
 
 
 def api_error_response(exc: Exception) -> JSONResponse:

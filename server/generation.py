@@ -1,7 +1,10 @@
 """Driving one request through the engine from a route: collecting, streaming, disconnects.
 
 A client that goes away aborts its generation: a streaming response's generator is cancelled by
-sse-starlette; a non-streaming request is watched for `http.disconnect` while it waits.
+sse-starlette; a non-streaming request is watched for `http.disconnect` while it waits. A request
+the engine fails is an HTTP error while nothing has been sent (`RequestFailedError`: 500, or 503
+when it ran out of device memory); a stream already under way ends its choice with
+`finish_reason: "error"` instead.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from engine.outputs import Logprob, RequestOutput
+from engine.outputs import Logprob, RequestFailedError, RequestOutput
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from server.errors import APIError
@@ -71,7 +74,7 @@ async def collect(
 
     async def consume() -> None:
         async for out in engine.generate(prompt_ids, params, request_id, context_ids):
-            add_output(result.choices[out.index], out)
+            add_output(result.choices[out.index], check_failed(out))  # a failure aborts the others
 
     task = asyncio.create_task(consume())
     try:
@@ -106,12 +109,23 @@ async def wait_watching(request: Request, futures) -> None:
             raise ClientDisconnected()
 
 
+def check_failed(out: RequestOutput | None) -> RequestOutput | None:
+    """`out`, unless it reports that the engine failed its choice: then `RequestFailedError`."""
+    if out is not None and out.error is not None:
+        raise RequestFailedError(out.error, out.error_code or "internal_error")
+    return out
+
+
 async def first_output(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
-    """The first output of a stream, aborting the request if the client leaves while it waits."""
+    """The first output of a stream, aborting the request if the client leaves while it waits or
+    if that output is a failure (raised, so the response is a plain HTTP error)."""
     task = asyncio.ensure_future(anext(outputs, None))
     try:
         await wait_watching(request, [task])
-        return task.result()
+        return check_failed(task.result())
+    except RequestFailedError:
+        await outputs.aclose()  # aborts the request's other choices
+        raise
     finally:
         if not task.done():
             task.cancel()  # cancels `generate` where it waits, which aborts the request
@@ -127,5 +141,3 @@ def add_output(choice: ChoiceResult, out: RequestOutput) -> None:
         choice.prompt_logprobs = out.prompt_logprobs
     if out.finished:
         choice.finish_reason = finish_reason(out.finish_reason)
-        if out.error is not None:
-            choice.finish_reason = "error"

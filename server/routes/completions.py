@@ -21,7 +21,7 @@ from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from server.deps import serving_state
 from server.errors import BadRequest
-from server.generation import collect, finish_reason, wait_watching
+from server.generation import check_failed, collect, finish_reason, wait_watching
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, now
 from server.routes.chat import SSE_HEADERS, usage
 from server.routes.tokenize import check_token_ids
@@ -189,6 +189,8 @@ class CompletionStream:
         self._next = {asyncio.ensure_future(anext(g, None)): k for k, g in enumerate(self._gens)}
         try:
             await wait_watching(request, self._next)  # raises what the engine raised
+            for future in self._next:
+                check_failed(future.result())
         except BaseException:
             await self.close()
             raise

@@ -165,6 +165,42 @@ def test_failure_in_one_request_leaves_the_others_intact(hf_dir, alone):
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 
+def test_forward_that_one_request_breaks_fails_that_request_only(hf_dir, alone):
+    """RELIABILITY 13 for the forward itself: a step whose forward raises because of one request
+    (here: any step holding "bad" once it has 3 tokens out) is retried request by request, so
+    only "bad" fails; the seeded request batched with it samples exactly what it would alone."""
+    seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=24)
+    clean = run(make_engine(hf_dir), {"s": (PROMPTS["e"], seeded)})[("s", 0)]
+    engine = make_engine(hf_dir)
+    real_execute = engine.runner.execute
+    calls = []  # (requests in the forward, whether it raised)
+
+    def breaks_on_bad(sched):
+        bad = [c for c in sched.chunks if c.request.request_id == "bad"]
+        calls.append((len(sched.chunks), bool(bad) and bad[0].request.num_output_tokens >= 3))
+        if calls[-1][1]:
+            raise RuntimeError("injected fault")
+        return real_execute(sched)
+
+    engine.runner.execute = breaks_on_bad
+    requests = {"a": (PROMPTS["a"], greedy(24)), "b": (PROMPTS["b"], greedy(24))}
+    requests |= {"bad": (PROMPTS["c"], greedy(24)), "s": (PROMPTS["e"], seeded)}
+    outs = run(engine, requests)
+    bad = outs[("bad", 0)]
+    assert tokens(bad) == alone["c"][:3]
+    assert bad[-1].finish_reason is FinishReason.ERROR and bad[-1].error_code == "internal_error"
+    assert "injected fault" in bad[-1].error
+    for rid in ("a", "b"):
+        assert tokens(outs[(rid, 0)]) == alone[rid]
+        assert outs[(rid, 0)][-1].finish_reason is FinishReason.LENGTH
+    assert tokens(outs[("s", 0)]) == tokens(clean)
+    first = next(i for i, (_, raised) in enumerate(calls) if raised)
+    assert calls[first] == (4, True) and [n for n, _ in calls[first + 1 : first + 6]] == [1, 1, 1, 1, 3]
+    assert sum(raised for _, raised in calls) == 2  # the batch, then "bad" alone; never again
+    assert engine.scheduler.num_preemptions == 0
+    assert engine._choices == {} and engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+
+
 def test_out_of_memory_in_a_step_requeues_and_output_is_unchanged(hf_dir, alone):
     """RELIABILITY 14: torch.OutOfMemoryError injected in the runner twice (a prefill step and a
     decode step): the step's requests are requeued, recomputed, and finish with the same tokens."""

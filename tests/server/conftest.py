@@ -36,11 +36,12 @@ def free_port() -> int:
 
 
 def start_server(
-    model_dir: Path, log: Path, *extra: str, api_key: bool = True, timeout: float = 90
+    model_dir: Path, log: Path, *extra: str, api_key: bool = True, timeout: float = 90, module: str = "server"
 ) -> RunningServer:
+    """`python -m server` (or another entry point, `module`) serving `model_dir`, once it is ready."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", module, "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--served-model-name", MODEL, *ALIASES, "--max-model-len", "512",
         "--kv-cache-memory-gb", "0.05", "--max-num-seqs", "16", *extra,
     ]  # fmt: skip

@@ -1,0 +1,40 @@
+"""The real server (`python -m server`) with faults injected into its model runner, for
+RELIABILITY.md items 13 and 14 over HTTP. A request's seed says which fault it meets:
+
+- `BREAKS_MID_WAY`: every forward that holds the request once it has 3 output tokens raises;
+- `BREAKS_AT_ONCE`: every forward that holds it raises;
+- `NEVER_FITS`: every forward that holds it runs out of device memory.
+
+Any other request is served as by the plain server. A fault breaks the whole forward, batched
+neighbours included, as a real one would; telling whose request caused it is the engine's job.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.runner import ModelRunner
+from engine.scheduler import SchedulerOutput
+from server.cli import main
+
+BREAKS_MID_WAY, BREAKS_AT_ONCE, NEVER_FITS = 6661, 6662, 6663
+# What the injected error says: nothing of it may reach a client (RELIABILITY.md item 10).
+SECRET = "injected fault at /srv/app/secret.py"
+
+_execute = ModelRunner.execute
+
+
+def execute_with_faults(self: ModelRunner, output: SchedulerOutput):
+    for chunk in output.chunks:
+        request = chunk.request
+        seed = request.params.seed
+        if seed == BREAKS_AT_ONCE or (seed == BREAKS_MID_WAY and request.num_output_tokens >= 3):
+            raise RuntimeError(SECRET)
+        if seed == NEVER_FITS:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {SECRET}")
+    return _execute(self, output)
+
+
+if __name__ == "__main__":
+    ModelRunner.execute = execute_with_faults
+    main()
