@@ -15,7 +15,9 @@ weights with Mixtral 8x7B's exact layer shapes (hidden 4096, experts 8 x 14336, 
    eager and Triton with CUDA graphs, and a 2048-token prefill on both paths; each as tokens/s
    and as a fraction of its ceiling: decode = bytes the step must read (weights of the experts
    actually routed to, attention, head, KV) / measured copy bandwidth; prefill = FLOPs / GEMM rate;
-4. the same decode timings with 8-bit experts (fp8 e4m3 on Hopper, int8 elsewhere).
+4. the same decode timings with 8-bit experts (fp8 e4m3 on Hopper, int8 elsewhere);
+5. decode attention alone over 32k-token contexts at batch 1 and 8, one pass per (sequence, kv
+   head) vs split-KV, checked against torch and as a fraction of the bandwidth ceiling.
 Timing: CUDA events after warm-up, median of repeats.
 """
 
@@ -37,10 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 from model.batch import AttentionMetadata, BatchBuilder, SequenceChunk  # noqa: E402
 from model.config import ModelConfig, MoEConfig  # noqa: E402
 from model.cuda_graphs import DecodeGraphs  # noqa: E402
+from model.kernels import paged_attention as triton_attention  # noqa: E402
 from model.kernels.moe_configs import tuned_table  # noqa: E402
 from model.mixtral import MixtralModel, allocate_kv_cache  # noqa: E402
 from model.moe import ExpertWeights, grouped_experts, route  # noqa: E402
 from model.ops import TORCH_KERNELS, TritonKernels  # noqa: E402
+from model.paged_attention import decode_attention as torch_decode_attention  # noqa: E402
 from model.quant import WeightQuant, quantize_rows, resolve_quant  # noqa: E402
 
 BLOCK = 16
@@ -197,6 +201,51 @@ class Check:
             self.failures.append(name)
 
 
+def long_context_attention(
+    device: torch.device, timer: Timer, bandwidth: float, check: Check, smoke: bool
+) -> list[dict]:
+    """Decode attention alone over long contexts: one pass per (sequence, kv head), then the
+    split count `decode_attention` picks for this launch (4 in the smoke run, which has one SM)."""
+    heads, kv_heads, head_dim = (4, 2, 16) if smoke else (32, 8, 128)
+    context, batches, repeats = (300, (1, 2), 1) if smoke else (32768, (1, 8), 20)
+    blocks = -(-context // BLOCK)
+    dtype = torch.bfloat16
+    cache = torch.randn(2, max(batches) * blocks, BLOCK, kv_heads, head_dim, device=device, dtype=dtype)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    scale = head_dim**-0.5
+    print(f"decode attention alone, {context}-token contexts (bf16):")
+    print("  | batch | splits | ms | bytes to read | of bandwidth ceiling |")
+    rows = []
+    for batch in batches:
+        tables = torch.arange(batch * blocks, device=device).view(batch, blocks)
+        lens = torch.full((batch,), context, device=device)
+        q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+        auto = 4 if smoke else triton_attention.decode_splits(batch, kv_heads, blocks, sms)
+
+        def attend(splits: int, q=q, tables=tables, lens=lens) -> torch.Tensor:
+            return triton_attention.decode_attention(
+                q, cache, tables, lens, scale, upcast=smoke, num_splits=splits
+            )
+
+        if batch == 1:
+            expected = torch_decode_attention(q.float(), cache[:, :blocks].float(), tables, lens, scale)
+            for splits in sorted({1, auto}):
+                check(
+                    f"decode attention, {context} tokens, {splits} split(s)",
+                    rel_err(attend(splits), expected),
+                    2e-2,
+                )
+        nbytes = batch * context * 2 * kv_heads * head_dim * dtype.itemsize
+        for splits in sorted({1, auto}):
+            t = timer(lambda splits=splits: attend(splits), repeats)
+            rows.append({"batch": batch, "splits": splits, "seconds": t, "bytes": nbytes})
+            cells = (
+                f"{batch} | {splits} | {t * 1e3:.3f} | {nbytes / GB:.2f} GB | {nbytes / bandwidth / t:.0%}"
+            )
+            print(f"  | {cells} |", flush=True)
+    return rows
+
+
 def step_bytes(
     model: MixtralModel, input_ids, kv, meta, kv_tokens: int, expert_bytes_per_weight: float
 ) -> int:
@@ -261,6 +310,11 @@ def main() -> int:
     print(f"  measured: copy {bandwidth / 1e12:.2f} TB/s (read + write), ", end="")
     print(f"bf16 GEMM {flop_rate / 1e12:.0f} TFLOP/s")
 
+    check = Check()
+    long_context = long_context_attention(device, timer, bandwidth, check, args.smoke)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
     plan = smoke_plan() if args.smoke else gpu_plan(device, args.layers)
     cfg = plan.config
     dtype = torch.bfloat16
@@ -277,7 +331,6 @@ def main() -> int:
     table = tuned_table(cfg.moe.num_experts, cfg.intermediate_size, name)
     print(f"fused MoE tiles: {'the tuned table for this GPU family' if table else 'the untuned default'}")
 
-    check = Check()
     print("correctness (bf16, Triton vs torch on the same weights):", flush=True)
     check_kernels(model, kv, builder, plan, triton_kernels, check, device)
 
@@ -288,6 +341,7 @@ def main() -> int:
         "layers": cfg.num_layers,
         "copy_bandwidth": bandwidth,
         "gemm_flops": flop_rate,
+        "long_context_attention": long_context,
     }
     print("speed (bf16):", flush=True)
     ceiling = (bandwidth, flop_rate)

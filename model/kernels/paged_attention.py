@@ -7,10 +7,14 @@ one cache block at a time with an online softmax (fp32 statistics), so no gather
 context is made. Slots past a sequence's length may hold anything, NaN included: their scores
 are replaced by -inf and their values by 0 before use.
 
-- decode: one program per (sequence, kv head) computes the G = H / K query heads that share the
-  kv head as one [G, Dh] x [Dh, B] tile (padded to 16 rows for the tensor cores), so each key
-  and value is read once per sequence. The block table has a fixed width and the loop bound is
-  read on the device, so the launch has a fixed shape (CUDA graphs); a row of length 0 (graph
+- decode: one program per (sequence, kv head, split) computes the G = H / K query heads that
+  share the kv head as one [G, Dh] x [Dh, B] tile (padded to 16 rows for the tensor cores), so
+  each key and value is read once per sequence. With few sequences, (sequence, kv head) alone
+  would leave most of the GPU idle and read a long context with K programs, so the context is
+  split ("flash decoding"): each of NUM_SPLITS programs attends to its own run of blocks into
+  fp32 partials (unnormalised output, running max and sum) and a second kernel merges them. The
+  split count depends only on the launch shape and each sequence's runs are computed on the
+  device from its length, so the launch has a fixed shape (CUDA graphs); a row of length 0 (graph
   padding) yields zeros.
 - prefill: one program per (prefill chunk, query head, BLOCK_M queries), causal over the
   context already cached plus the chunk itself (written to the cache before the call).
@@ -22,11 +26,16 @@ N cache blocks, B block size, M block-table width.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from model.batch import AttentionMetadata
+
+MAX_SPLITS = 32  # splits of one context in a decode launch
+MIN_BLOCKS_PER_SPLIT = 4  # cache blocks each split attends to, at least (64 tokens at block size 16)
 
 
 @triton.jit
@@ -85,15 +94,22 @@ def _attend_block(q, k, v, valid, key_ok, m_i, l_i, acc, scale, UPCAST: tl.const
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, scale,
+    q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_ptr, stats_ptr, scale,
     stride_qs, stride_qh, stride_c_kv, stride_c_block, stride_c_slot, stride_c_h,
     stride_bt, stride_os, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    UPCAST: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_BLOCKS: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
+    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+    if NUM_SPLITS == 1:
+        first, last = 0, num_blocks
+    else:  # runs of at least MIN_BLOCKS blocks: a short context leaves the later splits empty
+        per_split = tl.maximum(tl.cdiv(num_blocks, NUM_SPLITS), MIN_BLOCKS)
+        first = tl.program_id(2) * per_split
+        last = tl.minimum(first + per_split, num_blocks)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_SIZE)
@@ -105,7 +121,7 @@ def _decode_kernel(
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32)
     kv_offs = offs_n[:, None] * stride_c_slot + kv_head * stride_c_h + offs_d[None, :]
-    for b in range(0, tl.cdiv(seq_len, BLOCK_SIZE)):
+    for b in range(first, last):
         block = tl.load(block_tables_ptr + seq * stride_bt + b).to(tl.int64)
         k = tl.load(cache_ptr + block * stride_c_block + kv_offs)
         v = tl.load(cache_ptr + stride_c_kv + block * stride_c_block + kv_offs)
@@ -113,9 +129,35 @@ def _decode_kernel(
         valid = key_ok[None, :] & g_ok[:, None]
         m_i, l_i, acc = _attend_block(q, k, v, valid, key_ok, m_i, l_i, acc, scale, UPCAST)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+    else:  # partials [S, H, NUM_SPLITS, Dh] and their (max, sum) [S, H, NUM_SPLITS, 2]
+        rows = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + tl.program_id(2)
+        tl.store(part_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+        tl.store(stats_ptr + rows * 2, m_i, mask=g_ok)
+        tl.store(stats_ptr + rows * 2 + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, stats_ptr, out_ptr, stride_os, stride_oh,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """One program per (sequence, query head): softmax-weighted sum of its splits' partials."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = (seq * tl.num_programs(1) + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.load(stats_ptr + rows * 2)  # -inf for a split that saw no key
+    l = tl.load(stats_ptr + rows * 2 + 1)
+    m_max = tl.max(m, 0)
+    weight = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for the empty splits
+    total = tl.sum(l * weight, 0)
+    acc = tl.load(part_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :])
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -198,22 +240,66 @@ def decode_attention(
     scale: float,
     upcast: bool = False,
     out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    min_blocks_per_split: int | None = None,
 ) -> torch.Tensor:
-    """One query per sequence: q [S, H, Dh] over blocks [S, M] holding seq_lens [S] tokens."""
+    """One query per sequence: q [S, H, Dh] over blocks [S, M] holding seq_lens [S] tokens.
+
+    `num_splits` (a power of two; by default `decode_splits` for this launch on this device)
+    divides each context into that many runs of at least `min_blocks_per_split` blocks
+    (default MIN_BLOCKS_PER_SPLIT).
+    """
     num_seqs, num_heads, head_dim = q.shape
     _check_cache(kv_cache, head_dim, q)
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q) if out is None else out
-    _decode_kernel[(num_seqs, num_kv_heads)](
-        q, kv_cache, block_tables, seq_lens, out, scale,
+    min_blocks = MIN_BLOCKS_PER_SPLIT if min_blocks_per_split is None else min_blocks_per_split
+    if num_splits is None:
+        max_blocks = block_tables.shape[1]
+        num_splits = decode_splits(num_seqs, num_kv_heads, max_blocks, _num_sms(q.device), min_blocks)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    part = stats = out  # not read when the context is not split
+    if num_splits > 1:
+        part = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        stats = torch.empty(num_seqs, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, kv_cache, block_tables, seq_lens, out, part, stats, scale,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=kv_cache.shape[2],
-        HEAD_DIM=head_dim, UPCAST=upcast,
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, MIN_BLOCKS=min_blocks, UPCAST=upcast,
     )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part, stats, out, out.stride(0), out.stride(1), NUM_SPLITS=num_splits, HEAD_DIM=head_dim
+        )
     return out
+
+
+def decode_splits(
+    num_seqs: int, num_kv_heads: int, max_blocks: int, num_sms: int, min_blocks: int = MIN_BLOCKS_PER_SPLIT
+) -> int:
+    """Splits per context for a decode launch: the largest power of two that keeps the launch
+    within about two programs per SM, at most MAX_SPLITS, and no more than a context of
+    `max_blocks` blocks can fill with runs of `min_blocks`. (Mixtral on an H100, 132 SMs:
+    32 splits at batch 1, 4 at batch 8, none from batch 17 on.)"""
+    programs = num_seqs * num_kv_heads
+    useful = -(-max_blocks // min_blocks)
+    splits = 1
+    while splits < MAX_SPLITS and 2 * splits <= useful and programs * 2 * splits <= 2 * num_sms:
+        splits *= 2
+    return splits
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter: no split by default)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check_cache(kv_cache: torch.Tensor, head_dim: int, *tensors: torch.Tensor) -> None:

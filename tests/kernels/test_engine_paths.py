@@ -8,6 +8,7 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import Engine
 from model.cuda_graphs import DecodeGraphs
+from model.kernels import paged_attention as paged_kernels
 from model.loader import load_model
 from model.ops import select_kernels
 from tests.engine.helpers import EOS, greedy, run, tokens
@@ -18,6 +19,20 @@ from tokenization.loader import load_prompt_encoder
 
 # Ragged prompts (the longest spans several 16-slot blocks) and enough steps to cross block edges.
 REQUESTS = {f"r{i}": (p, greedy(12)) for i, p in enumerate(PROMPTS + [list(range(3, 40))])}
+
+
+class counted:
+    """A Triton kernel whose launches record their NUM_SPLITS in `launches`."""
+
+    def __init__(self, kernel, launches: list[int]) -> None:
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs["NUM_SPLITS"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def engine(hf_dir, kernels: str, quantization: str | None = None) -> Engine:
@@ -56,10 +71,19 @@ def test_logits_equal_on_both_paths(hf_dir):
             torch.testing.assert_close(a, b, atol=max(1e-4, FP32_TOL["atol"]), rtol=0)
 
 
-def test_decode_graph_buffers_and_padding_keep_tokens_equal(hf_dir):
+@pytest.mark.parametrize("split_kv", [False, True], ids=["one-pass", "split-kv"])
+def test_decode_graph_buffers_and_padding_keep_tokens_equal(hf_dir, monkeypatch, split_kv):
     """The CUDA-graph runner's static buffers and padding rows (slot -1, length 0), replayed eagerly
     on CPU: decode batches of 1-5 sequences run padded to 2, 4 or 8 rows, and the tokens stay the
-    torch path's. A padding row that wrote its KV (slot 0) or read a stale block would change them."""
+    torch path's. A padding row that wrote its KV (slot 0) or read a stale block would change them.
+    split-kv: decode attention sized as for an H100 (132 SMs), one block per split."""
+    if split_kv:
+        monkeypatch.setattr(paged_kernels, "_num_sms", lambda device: 132)
+        monkeypatch.setattr(paged_kernels, "MIN_BLOCKS_PER_SPLIT", 1)
+        launches = []
+        monkeypatch.setattr(
+            paged_kernels, "_merge_splits_kernel", counted(paged_kernels._merge_splits_kernel, launches)
+        )
     triton_engine = engine(hf_dir, "triton")
     runner = triton_engine.runner
     graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.config.max_blocks_per_seq, [2, 4, 8], False)
@@ -77,3 +101,7 @@ def test_decode_graph_buffers_and_padding_keep_tokens_equal(hf_dir):
     expected = run(engine(hf_dir, "torch"), REQUESTS)
     assert {k: tokens(v) for k, v in got.items()} == {k: tokens(v) for k, v in expected.items()}
     assert len(padded) >= 5 and any(padded)  # decode-only steps went through the buffers, some padded
+    if split_kv:
+        # Every decode launch split its contexts: replays of graphs (block tables 8 blocks wide) 8
+        # ways, eager steps (tables as wide as their longest context) fewer.
+        assert max(launches) == 8 and min(launches) >= 2

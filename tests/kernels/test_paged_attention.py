@@ -105,6 +105,48 @@ def test_negative_slots_are_skipped_and_empty_rows_give_zeros():
     torch.testing.assert_close(out[1], ref.decode_attention(q[1:], kv, tables[1:], lens[1:], 0.5)[0])
 
 
+# Contexts from empty (graph padding) to 19 blocks: longer than every split's share, shorter than
+# the split count, on block edges and off them.
+SPLIT_CONTEXTS = [1, 16, 17, 70, 200, 300, 0]
+
+
+@pytest.mark.parametrize(
+    "splits, min_blocks", [(2, 1), (4, 1), (8, 1), (32, 1), (4, 4)], ids=lambda v: str(v)
+)
+@pytest.mark.parametrize("group", [1, 4], ids=lambda g: f"gqa{g}")
+def test_split_contexts_merge_to_the_torch_result(splits, min_blocks, group):
+    """Split-KV decode: each context cut into runs of blocks, attended apart, merged."""
+    work = [(max(n - 1, 0), 1) for n in SPLIT_CONTEXTS[:-1]]
+    meta = batch_of(work, seed=2).attn
+    kv = cache(2)
+    fill_context(kv, meta, work)
+    tables = torch.cat([meta.block_tables[: len(work)], meta.block_tables[:1]])  # + a padding row
+    lens = torch.tensor(SPLIT_CONTEXTS, device=DEVICE)
+    new = torch.randn(len(work), 2, 2, HEAD_DIM, device=DEVICE)
+    ref.write_kv(kv, new[:, 0], new[:, 1], meta.slot_mapping)
+    q = torch.randn(len(SPLIT_CONTEXTS), 2 * group, HEAD_DIM, device=DEVICE)
+    got = tri.decode_attention(
+        q, kv, tables, lens, 0.3, upcast=UPCAST, num_splits=splits, min_blocks_per_split=min_blocks
+    )
+    expected = ref.decode_attention(q[:-1], kv, tables[:-1], lens[:-1], 0.3)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got[:-1], expected, **FP32_TOL)
+    assert torch.equal(got[-1], torch.zeros_like(got[-1]))
+    unsplit = tri.decode_attention(q, kv, tables, lens, 0.3, upcast=UPCAST, num_splits=1)
+    torch.testing.assert_close(got, unsplit, **FP32_TOL)
+
+
+def test_split_count_fills_the_gpu_without_splitting_what_is_busy():
+    # Mixtral (8 kv heads), 32k context in blocks of 16, an H100's 132 SMs.
+    assert [tri.decode_splits(s, 8, 2048, 132) for s in (1, 2, 8, 16, 17, 128)] == [32, 16, 4, 2, 1, 1]
+    assert tri.decode_splits(1, 8, 8, 132) == 2  # a context of 8 blocks holds two runs of 4
+    assert tri.decode_splits(1, 8, 8, 132, min_blocks=1) == 8
+    assert tri.decode_splits(1, 8, 2048, 1) == 1  # the interpreter: one pass unless asked
+    with pytest.raises(ValueError, match="power of two"):
+        tri.decode_attention(torch.zeros(1, 2, HEAD_DIM), cache(2), torch.zeros(1, 1, dtype=torch.int64),
+                             torch.ones(1, dtype=torch.int64), 1.0, num_splits=3)  # fmt: skip
+
+
 def test_rejects_shapes_the_kernels_cannot_tile():
     kv = torch.zeros(2, 4, 5, 2, HEAD_DIM, device=DEVICE)
     q = torch.zeros(1, 2, HEAD_DIM, device=DEVICE)
