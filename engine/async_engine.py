@@ -52,6 +52,7 @@ class EngineStats:
     kv_cache_usage: float  # fraction of KV blocks in use
     num_preemptions: int
     num_steps: int
+    num_retried_steps: int = 0  # steps whose forward failed and was retried one request at a time
     batch_size_buckets: tuple[tuple[str, int], ...] = ()  # cumulative (upper bound, steps)
     batch_size_sum: int = 0
 
@@ -105,6 +106,7 @@ class AsyncEngine:
             kv_cache_usage=sched.blocks.usage,
             num_preemptions=sched.num_preemptions,
             num_steps=engine.num_steps,
+            num_retried_steps=engine.num_retried_steps,
             batch_size_buckets=tuple(engine.batch_sizes.cumulative()),
             batch_size_sum=engine.batch_sizes.sum,
         )

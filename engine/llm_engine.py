@@ -58,6 +58,7 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}  # internal id -> detokenizer
         self._prompt_logprobs: dict[str, list[Logprob | None]] = {}
         self.num_steps = 0
+        self.num_retried_steps = 0  # steps whose forward failed and was retried one request at a time
         self.batch_sizes = StepHistogram()  # sequences per step
 
     @property
@@ -140,26 +141,33 @@ class Engine:
         """Run the step's forward: (the part of the step that ran, what it produced, outputs of
         the requests it failed).
 
-        Out of device memory requeues the step's requests (see `_after_out_of_memory`). Any other
-        failure of a forward over several requests is retried one request at a time, so the
-        request that breaks the forward fails alone and the others go on unchanged (their KV
-        slots are simply written again; seeded generators were restored by the runner).
+        A forward over several requests that fails is retried one request at a time, so a
+        request that breaks the forward, or that runs out of device memory even alone, is found
+        and dealt with alone: the others go on (their KV slots are simply written again; seeded
+        generators were restored by the runner). Alone, a failure fails the request; running
+        out of memory requeues it (see `_after_out_of_memory`).
         """
         try:
             return sched, self.runner.execute(sched), []
         except torch.cuda.OutOfMemoryError as exc:
             traceback.clear_frames(exc.__traceback__)  # let the failed step's tensors go
-            return _NOTHING_RAN, RunnerOutput({}, {}, {}), self._after_out_of_memory(sched.chunks, exc)
+            if len(sched.chunks) == 1:
+                return _NOTHING_RAN, RunnerOutput({}, {}, {}), self._after_out_of_memory(sched.chunks[0], exc)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            error: Exception = exc
         except Exception as exc:
             if len(sched.chunks) == 1:
                 request = sched.chunks[0].request
                 logger.exception("model step failed; failing request %s", request.request_id)
                 return _NOTHING_RAN, RunnerOutput({}, {}, {}), [self._fail(request, exc)]
             traceback.clear_frames(exc.__traceback__)
-            logger.warning(
-                "model step of %d requests failed (%s: %s); retrying each alone",
-                len(sched.chunks), type(exc).__name__, exc,
-            )  # fmt: skip
+            error = exc
+        self.num_retried_steps += 1
+        logger.warning(
+            "model step of %d requests failed (%s: %s); retrying each alone",
+            len(sched.chunks), type(error).__name__, error,
+        )  # fmt: skip
         ran: list[ScheduledChunk] = []
         merged = RunnerOutput({}, {}, {})
         failed: list[RequestOutput] = []
@@ -200,31 +208,26 @@ class Engine:
                 self._prompt_logprobs.pop(req.request_id, None)
 
     def _after_out_of_memory(
-        self, chunks: Sequence[ScheduledChunk], exc: torch.cuda.OutOfMemoryError
+        self, chunk: ScheduledChunk, exc: torch.cuda.OutOfMemoryError
     ) -> list[RequestOutput]:
-        """Out of device memory in a step: give the allocator's cache back and requeue the step's
-        requests (their KV is dropped and recomputed later, as after a preemption, so the output
-        is the same). The largest request of the step (most tokens this step, then most tokens
-        in all) is held responsible: after MAX_OOM_RETRIES it fails instead, so one request too
-        large for the memory left cannot stall the server, and the others are never blamed."""
+        """Out of device memory in a forward of one request (a batched forward that runs out is
+        retried request by request first): give the allocator's cache back and requeue the
+        request (its KV is dropped and recomputed later, as after a preemption, so the output is
+        the same). After MAX_OOM_RETRIES it fails instead, so one request too large for the
+        memory left cannot stall the server."""
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        live = [c for c in chunks if not c.request.is_finished]
-        failed = []
-        if live:
-            culprit = max(live, key=lambda c: (len(c.token_ids), c.num_computed + len(c.token_ids))).request
-            culprit.num_oom_retries += 1
-            if culprit.num_oom_retries > MAX_OOM_RETRIES:
-                failed.append(culprit)
-        requeued = [c.request for c in live if c.request not in failed]
-        self.scheduler.requeue(requeued)
-        self._restart_prompt_logprobs(requeued)
-        logger.warning(
-            "out of device memory in a step: requeued %d request(s), failed %d",
-            len(requeued),
-            len(failed),
-        )
-        return [self._fail(req, exc) for req in failed]
+        request = chunk.request
+        if request.is_finished:  # aborted while the step ran
+            return []
+        request.num_oom_retries += 1
+        if request.num_oom_retries > MAX_OOM_RETRIES:
+            logger.warning("request %s ran out of device memory again: failing it", request.request_id)
+            return [self._fail(request, exc)]
+        logger.warning("request %s ran out of device memory: requeued", request.request_id)
+        self.scheduler.requeue([request])
+        self._restart_prompt_logprobs([request])
+        return []
 
     def _postprocess(self, chunk: ScheduledChunk, run: RunnerOutput) -> RequestOutput | None:
         req = chunk.request

@@ -3,8 +3,8 @@
 A client that goes away aborts its generation: a streaming response's generator is cancelled by
 sse-starlette; a non-streaming request is watched for `http.disconnect` while it waits. A request
 the engine fails is an HTTP error while nothing has been sent (`RequestFailedError`: 500, or 503
-when it ran out of device memory); a stream already under way ends its choice with
-`finish_reason: "error"` instead.
+when it ran out of device memory). A stream is under way from its first output, of whichever
+choice; after that a failure ends its choice with `finish_reason: "error"` instead.
 """
 
 from __future__ import annotations

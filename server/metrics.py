@@ -8,8 +8,9 @@ preemptions, steps) are read from `engine.stats()` at scrape time by a custom co
 
 What is counted:
 - `request_success_total{finished_reason}`: one per choice when it ends: `stop`, `length`,
-  `error` (an error output, or the engine raising while serving it), `abort` (the caller left
-  before it finished: a client disconnect), `queue_timeout` (not started within the bound). A
+  `error` (an error output, the engine raising while serving it, or a sibling choice's error that
+  ended the request), `abort` (the caller left before it finished: a client disconnect),
+  `queue_timeout` (not started within the bound). A
   request refused before any work (400 `RequestRejected`) is not counted at all.
 - TTFT: from the call to `generate` to the first output carrying tokens; inter-token latency:
   between consecutive token-carrying outputs of the same choice; end-to-end: from the call to the
@@ -19,6 +20,9 @@ What is counted:
 - Queue time (`request_queue_time_seconds`): from arrival in the engine to the request's first
   step, as the engine reports it on the first output (or to its queue timeout); batch size
   (`batch_size`): sequences per engine step, a histogram the engine keeps and the collector reads.
+- `engine_retried_steps_total`: steps whose batched forward failed and was retried one request at
+  a time. It climbs on every step if a fault depends on the batch rather than on one request
+  (each such step then costs one forward per request): worth an alert.
 """
 
 from __future__ import annotations
@@ -73,6 +77,11 @@ class _EngineCollector(Collector):
         )
         yield CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted", stats.num_preemptions)
         yield CounterMetricFamily(PREFIX + "engine_steps", "Engine iterations run", stats.num_steps)
+        yield CounterMetricFamily(
+            PREFIX + "engine_retried_steps",
+            "Engine iterations whose batched forward failed and was retried one request at a time",
+            stats.num_retried_steps,
+        )
         if stats.batch_size_buckets:
             yield HistogramMetricFamily(
                 PREFIX + "batch_size",
@@ -169,6 +178,8 @@ class MeteredEngine:
         stream = self._engine.generate(prompt_ids, params, request_id, context_ids)
         try:
             async for out in stream:
+                if out.error is not None:
+                    outcome = "error"  # the caller fails the whole request: its other choices too
                 now = time.monotonic()
                 if first:  # the prompt has been computed
                     first = False

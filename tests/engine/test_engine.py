@@ -197,20 +197,21 @@ def test_forward_that_one_request_breaks_fails_that_request_only(hf_dir, alone):
     first = next(i for i, (_, raised) in enumerate(calls) if raised)
     assert calls[first] == (4, True) and [n for n, _ in calls[first + 1 : first + 6]] == [1, 1, 1, 1, 3]
     assert sum(raised for _, raised in calls) == 2  # the batch, then "bad" alone; never again
-    assert engine.scheduler.num_preemptions == 0
+    assert engine.num_retried_steps == 1 and engine.scheduler.num_preemptions == 0
     assert engine._choices == {} and engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 
-def test_out_of_memory_in_a_step_requeues_and_output_is_unchanged(hf_dir, alone):
-    """RELIABILITY 14: torch.OutOfMemoryError injected in the runner twice (a prefill step and a
-    decode step): the step's requests are requeued, recomputed, and finish with the same tokens."""
+def test_out_of_memory_in_a_step_is_retried_and_output_is_unchanged(hf_dir, alone):
+    """RELIABILITY 14: torch.OutOfMemoryError injected in the runner: in the first (batched)
+    prefill step, then again when "d" is retried alone. The step is retried request by request;
+    "d" is requeued (its KV dropped) and recomputed later; every output is unchanged."""
     engine = make_engine(hf_dir)
     real_execute = engine.runner.execute
-    calls = {"n": 0}
+    calls = []
 
     def flaky(sched):
-        calls["n"] += 1
-        if calls["n"] in (1, 6):
+        calls.append([c.request.request_id for c in sched.chunks])
+        if len(calls) == 1 or calls[-1] == ["d"] and calls.count(["d"]) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_execute(sched)
 
@@ -218,31 +219,35 @@ def test_out_of_memory_in_a_step_requeues_and_output_is_unchanged(hf_dir, alone)
     outs = run(engine, {rid: (p, greedy(24)) for rid, p in PROMPTS.items()})
     assert {rid: tokens(outs[(rid, 0)]) for rid in PROMPTS} == alone
     assert all(outs[(rid, 0)][-1].finish_reason is FinishReason.LENGTH for rid in PROMPTS)
-    assert engine.scheduler.num_preemptions == 2 * len(PROMPTS)  # every request was in both steps
+    assert calls[1:6] == [[rid] for rid in PROMPTS]  # the first step, one request at a time
+    assert engine.num_retried_steps == 1 and engine.scheduler.num_preemptions == 1  # "d" alone
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 
 def test_request_that_keeps_running_out_of_memory_fails_and_others_go_on(hf_dir, alone):
+    """Any forward holding "d" runs out of memory, even a short one's neighbours: the batch is
+    retried request by request, so only "d" is requeued, and it fails on its third time alone."""
     engine = make_engine(hf_dir)
     real_execute = engine.runner.execute
 
     ooms = []
 
-    def oom_with_long_prompts(sched):
-        if any(c.request.num_prompt_tokens > 60 for c in sched.chunks):
+    def oom_with_d(sched):
+        if any(c.request.request_id == "d" for c in sched.chunks):
             ooms.append(len(sched.chunks))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_execute(sched)
 
-    engine.runner.execute = oom_with_long_prompts
+    engine.runner.execute = oom_with_d
     outs = run(engine, {rid: (p, greedy(24)) for rid, p in PROMPTS.items()})
-    long = outs[("d", 0)]  # 68 prompt tokens: every step it is in runs out of memory
-    assert long[-1].finish_reason is FinishReason.ERROR and "OutOfMemoryError" in long[-1].error
-    assert len(ooms) == MAX_OOM_RETRIES + 1  # retried twice, failed on the third
+    d = outs[("d", 0)]
+    assert d[-1].finish_reason is FinishReason.ERROR and d[-1].error_code == "out_of_memory"
+    assert "OutOfMemoryError" in d[-1].error
+    assert ooms.count(1) == MAX_OOM_RETRIES + 1  # retried twice alone, failed on the third
     assert engine._choices == {} and not engine.has_work
-    # The others were requeued alongside it (it alone was blamed), then went on without it.
-    for rid in ("a", "b", "c", "e"):
+    for rid in ("a", "b", "c", "e"):  # never requeued, never blamed
         assert tokens(outs[(rid, 0)]) == alone[rid]
+    assert engine.scheduler.num_preemptions == MAX_OOM_RETRIES
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 

@@ -49,12 +49,16 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
     return error
 
 
-def test_request_that_breaks_the_forward_mid_way_is_a_500_and_its_batch_goes_on(faulty):
-    alone = [post(faulty, chat(p)).json()["choices"][0]["message"]["content"] for p in PROMPTS]
-    bodies = [chat(p) for p in PROMPTS] + [chat("Tell me a story.", BREAKS_MID_WAY)]
+def test_requests_that_break_the_forward_fail_alone_and_their_batch_goes_on(faulty):
+    """One request breaks the forward mid-way (500), one runs out of memory even alone (503);
+    the three batched with them get exactly the tokens they get alone."""
+    alone = [post(faulty, chat(p, max_tokens=48)).json()["choices"][0]["message"]["content"] for p in PROMPTS]
+    bodies = [chat(p, max_tokens=48) for p in PROMPTS]
+    bodies += [chat("Tell me a story.", BREAKS_MID_WAY), chat("Hello", NEVER_FITS)]
     with ThreadPoolExecutor(len(bodies)) as pool:  # together, so they share the batched forwards
-        *good, bad = pool.map(lambda body: post(faulty, body), bodies)
+        *good, bad, oom = pool.map(lambda body: post(faulty, body), bodies)
     assert_error(bad, 500, "internal_error")
+    assert_error(oom, 503, "out_of_memory")
     assert [r.json()["choices"][0]["message"]["content"] for r in good] == alone
     assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in good)
     log = faulty.log.read_text()

@@ -20,6 +20,7 @@ NAMES = [
     "kv_cache_usage_perc",
     "num_preemptions_total",
     "engine_steps_total",
+    "engine_retried_steps_total",
     "prompt_tokens_total",
     "generation_tokens_total",
     *(
