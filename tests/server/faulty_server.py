@@ -3,7 +3,8 @@ RELIABILITY.md items 13 and 14 over HTTP. A request's seed says which fault it m
 
 - `BREAKS_MID_WAY`: every forward that holds the request once it has 3 output tokens raises;
 - `BREAKS_AT_ONCE`: every forward that holds it raises;
-- `NEVER_FITS`: every forward that holds it runs out of device memory.
+- `NEVER_FITS`: every forward that holds it runs out of device memory;
+- `BREAKS_SECOND_CHOICE`: like `BREAKS_MID_WAY`, for the second choice of an `n > 1` request only.
 
 Any other request is served as by the plain server. A fault breaks the whole forward, batched
 neighbours included, as a real one would; telling whose request caused it is the engine's job.
@@ -17,7 +18,7 @@ from engine.runner import ModelRunner
 from engine.scheduler import SchedulerOutput
 from server.cli import main
 
-BREAKS_MID_WAY, BREAKS_AT_ONCE, NEVER_FITS = 6661, 6662, 6663
+BREAKS_MID_WAY, BREAKS_AT_ONCE, NEVER_FITS, BREAKS_SECOND_CHOICE = 6661, 6662, 6663, 6664
 # What the injected error says: nothing of it may reach a client (RELIABILITY.md item 10).
 SECRET = "injected fault at /srv/app/secret.py"
 
@@ -28,7 +29,10 @@ def execute_with_faults(self: ModelRunner, output: SchedulerOutput):
     for chunk in output.chunks:
         request = chunk.request
         seed = request.params.seed
-        if seed == BREAKS_AT_ONCE or (seed == BREAKS_MID_WAY and request.num_output_tokens >= 3):
+        mid_way = request.num_output_tokens >= 3
+        if seed == BREAKS_AT_ONCE or (seed == BREAKS_MID_WAY and mid_way):
+            raise RuntimeError(SECRET)
+        if seed == BREAKS_SECOND_CHOICE and request.index == 1 and mid_way:
             raise RuntimeError(SECRET)
         if seed == NEVER_FITS:
             raise torch.OutOfMemoryError(f"CUDA out of memory: {SECRET}")

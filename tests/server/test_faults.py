@@ -15,10 +15,15 @@ import openai
 import pytest
 
 from tests.server.conftest import API_KEY, MODEL, start_server, stop_server
-from tests.server.faulty_server import BREAKS_AT_ONCE, BREAKS_MID_WAY, NEVER_FITS, SECRET
+from tests.server.faulty_server import (
+    BREAKS_AT_ONCE,
+    BREAKS_MID_WAY,
+    BREAKS_SECOND_CHOICE,
+    NEVER_FITS,
+    SECRET,
+)
 
 CHAT = "/v1/chat/completions"
-FAILED_METRIC = 'mixtral:request_success_total{finished_reason="error"}'
 PROMPTS = ["Name three colours.", "Count to ten.", "What is a tree?"]
 
 
@@ -92,14 +97,24 @@ def test_failure_before_anything_was_sent_is_a_plain_http_error(faulty, stream):
     assert_error(post(faulty, body, "/v1/completions"), 500, "internal_error")
 
 
-def failed_choices(server) -> float:
+def finished_choices(server, reason: str) -> float:
     metrics = httpx.get(server.url + "/metrics", headers=server.headers()).text
-    (line,) = [x for x in metrics.splitlines() if x.startswith(FAILED_METRIC)]
+    name = f'mixtral:request_success_total{{finished_reason="{reason}"}}'
+    (line,) = [x for x in metrics.splitlines() if x.startswith(name)]
     return float(line.split()[-1])
 
 
+def test_one_failed_choice_fails_the_request_and_counts_its_siblings_as_errors(faulty):
+    before = {reason: finished_choices(faulty, reason) for reason in ("error", "abort")}
+    body = chat("Tell me a story.", BREAKS_SECOND_CHOICE, n=3, temperature=1.0)
+    assert_error(post(faulty, body), 500, "internal_error")
+    # Choice 1 failed; the server then ended choices 0 and 2: not a client leaving.
+    assert finished_choices(faulty, "error") == before["error"] + 3
+    assert finished_choices(faulty, "abort") == before["abort"]
+
+
 def test_failures_reach_the_openai_client_and_the_server_keeps_serving(faulty):
-    failed_before = failed_choices(faulty)
+    failed_before = finished_choices(faulty, "error")
     client = openai.OpenAI(base_url=f"{faulty.url}/v1", api_key=API_KEY, max_retries=0)
     messages = [{"role": "user", "content": "Hello"}]
     with pytest.raises(openai.InternalServerError) as failed:
@@ -112,4 +127,4 @@ def test_failures_reach_the_openai_client_and_the_server_keeps_serving(faulty):
     assert httpx.get(faulty.url + "/ready").status_code == 200
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
     assert reply.choices[0].finish_reason == "length"
-    assert failed_choices(faulty) == failed_before + 2
+    assert finished_choices(faulty, "error") == failed_before + 2
