@@ -1,6 +1,7 @@
 """Client disconnects abort generation (RELIABILITY.md item 12); SIGTERM drains (item 16).
 
-Nothing here reads /metrics. Instead a dedicated server has two sequence slots and a KV pool of
+The disconnect tests do not read /metrics (only the SIGTERM test does, to know that both its
+requests are in the engine). Instead a dedicated server has two sequence slots and a KV pool of
 207 blocks of 16 tokens (3,312 tokens; context 3,312), and the requests are sized so that what
 aborted requests leave behind is visible from outside:
 
@@ -207,6 +208,12 @@ def test_clients_that_leave_while_queued_free_their_places(small_server, stream)
             h.release()
 
 
+def sequences_in_engine(server) -> float:
+    metrics = httpx.get(f"{server.url}/metrics", headers=server.headers(), timeout=5).text
+    gauges = ("mixtral:num_requests_running ", "mixtral:num_requests_waiting ")
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(gauges))
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_zero(long_dir, tmp_path):
     s = start_server(long_dir, tmp_path / "server.log", "--max-model-len", "4096")
     try:
@@ -240,6 +247,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(long_dir, tmp_path):
         for t in threads:
             t.start()
         assert first_content.wait(30), "the stream never started"
+        deadline = time.monotonic() + 30
+        while sequences_in_engine(s) < 2:  # the other request must be in flight too, not on its way
+            assert time.monotonic() < deadline, "the non-streaming request never reached the engine"
+            time.sleep(0.02)
 
         s.process.send_signal(signal.SIGTERM)
         sent = time.monotonic()
@@ -258,7 +269,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(long_dir, tmp_path):
         final = json.loads(lines[-2][len("data: ") :])
         assert final["choices"][0]["finish_reason"] == "length"
         assert final["usage"]["completion_tokens"] == max_tokens  # ran to the end, not cut short
-        assert non_streaming and non_streaming[0].status_code == 200
+        assert non_streaming and non_streaming[0].status_code == 200, non_streaming[0].text
         assert non_streaming[0].json()["usage"]["completion_tokens"] == max_tokens
         assert s.process.wait(30) == 0
     finally:
