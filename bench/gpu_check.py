@@ -320,7 +320,7 @@ def main() -> int:
     dtype = torch.bfloat16
     triton_kernels = TritonKernels(upcast=device.type == "cpu")
     model = random_model(cfg, device, dtype)
-    kv = allocate_kv_cache(cfg, plan.kv_blocks, BLOCK, dtype, device).zero_()
+    kv = allocate_kv_cache(cfg, plan.kv_blocks, BLOCK, dtype, device)
     max_tokens = max(plan.prefill_tokens, plan.max_seqs + sum(CHECK_CHUNK))
     builder = BatchBuilder(max_tokens, plan.max_seqs, plan.max_blocks_per_seq, BLOCK, device)
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / GB

@@ -155,9 +155,15 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> torch.Tensor:
-    """The paged KV pool `[L, 2, N, B, K, Dh]`, uninitialised (every slot is written before it is read)."""
+    """The paged KV pool `[L, 2, N, B, K, Dh]`, zeroed.
+
+    Every slot is written before it is read, so the zeros are not for correctness: writing the
+    pool once makes all of it resident now. Left empty, a CPU pool's pages would become resident
+    one by one as blocks are first used, so the process would grow for hours and could be killed
+    for memory long after it said it was ready.
+    """
     shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:

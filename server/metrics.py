@@ -20,6 +20,8 @@ What is counted:
 - Queue time (`request_queue_time_seconds`): from arrival in the engine to the request's first
   step, as the engine reports it on the first output (or to its queue timeout); batch size
   (`batch_size`): sequences per engine step, a histogram the engine keeps and the collector reads.
+- `server_tasks`: asyncio tasks alive in the event loop, and the standard `process_*` metrics
+  (resident memory, open file descriptors, CPU seconds): what a leak would grow.
 - `engine_retried_steps_total`: steps whose batched forward failed and was retried one request at
   a time. It climbs on every step if a fault depends on the batch rather than on one request
   (each such step then costs one forward per request): worth an alert.
@@ -27,10 +29,11 @@ What is counted:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -91,6 +94,17 @@ class _EngineCollector(Collector):
             )
 
 
+class _EventLoopCollector(Collector):
+    """Tasks alive in the server's event loop: a leak (say, of abandoned streams) shows here."""
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # scraped from outside the event loop
+            return
+        yield GaugeMetricFamily(PREFIX + "server_tasks", "asyncio tasks alive in the event loop", tasks)
+
+
 class Metrics:
     """The metric objects of one app, in a registry of their own."""
 
@@ -128,6 +142,8 @@ class Metrics:
             "request_generation_tokens", "Generated tokens per finished request (all choices)", TOKEN_BUCKETS
         )
         r.register(_EngineCollector(engine))
+        r.register(_EventLoopCollector())
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, ... (Linux)
 
     def finished(self, reason: str, count: int = 1) -> None:
         self.by_reason[reason if reason in self.by_reason else "error"].inc(count)

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.checkpoints import TinyShape, hf_mixtral, write_hf_mixtral
+
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-123"
 MODEL = "tiny-mixtral"
@@ -71,6 +73,13 @@ def stop_server(server: RunningServer) -> None:
             server.process.wait(15)
         except subprocess.TimeoutExpired:
             server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def long_dir(tmp_path_factory):
+    """The tiny checkpoint with a 4,096-token context, for requests that must outlive others."""
+    shape = TinyShape(max_position_embeddings=4096)
+    return write_hf_mixtral(hf_mixtral(shape), shape, tmp_path_factory.mktemp("long-context"))
 
 
 @pytest.fixture(scope="session")

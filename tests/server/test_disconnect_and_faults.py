@@ -26,7 +26,6 @@ import time
 import httpx
 import pytest
 
-from tests.checkpoints import TinyShape, hf_mixtral, write_hf_mixtral
 from tests.server.conftest import MODEL, start_server, stop_server
 
 CHAT = "/v1/chat/completions"
@@ -45,13 +44,6 @@ def request(tag: str, words: int, max_tokens: int, **extra) -> dict:
 
 def hog(tag: str, **extra) -> dict:
     return request(tag, HOG_WORDS, HOG_TOKENS, **extra)
-
-
-@pytest.fixture(scope="module")
-def long_dir(tmp_path_factory):
-    """The tiny checkpoint with a 4,096-token context: hogs must outlive a probe on a fast machine."""
-    shape = TinyShape(max_position_embeddings=4096)
-    return write_hf_mixtral(hf_mixtral(shape), shape, tmp_path_factory.mktemp("long-context"))
 
 
 @pytest.fixture(scope="module")

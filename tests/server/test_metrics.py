@@ -21,6 +21,7 @@ NAMES = [
     "num_preemptions_total",
     "engine_steps_total",
     "engine_retried_steps_total",
+    "server_tasks",
     "prompt_tokens_total",
     "generation_tokens_total",
     *(
