@@ -53,6 +53,7 @@ class EngineStats:
     num_preemptions: int
     num_steps: int
     num_retried_steps: int = 0  # steps whose forward failed and was retried one request at a time
+    max_batch: int = 0  # most sequences per step now (max_num_seqs unless lowered after faults)
     batch_size_buckets: tuple[tuple[str, int], ...] = ()  # cumulative (upper bound, steps)
     batch_size_sum: int = 0
 
@@ -107,6 +108,7 @@ class AsyncEngine:
             num_preemptions=sched.num_preemptions,
             num_steps=engine.num_steps,
             num_retried_steps=engine.num_retried_steps,
+            max_batch=sched.max_batch,
             batch_size_buckets=tuple(engine.batch_sizes.cumulative()),
             batch_size_sum=engine.batch_sizes.sum,
         )

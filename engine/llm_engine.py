@@ -4,6 +4,8 @@ A step schedules, runs the model, applies token-level stops, then detokenizes ea
 new token and checks its stop strings. A failure while serving one request fails that request
 only: post-processing is guarded per request, and a forward that fails over several requests is
 retried one request at a time to find the one that breaks it. The engine keeps serving the rest.
+A fault that comes with the batch size instead (every request runs alone) halves the requests per
+step once it repeats.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 # A request whose steps ran out of device memory this many times fails instead of being retried.
 MAX_OOM_RETRIES = 2
+# Consecutive steps whose batched forward failed while each request ran alone, before the engine
+# halves the number of requests per step.
+BATCH_FAULTS_BEFORE_SHRINK = 2
 _NOTHING_RAN = SchedulerOutput((), ())
 
 
@@ -59,6 +64,7 @@ class Engine:
         self._prompt_logprobs: dict[str, list[Logprob | None]] = {}
         self.num_steps = 0
         self.num_retried_steps = 0  # steps whose forward failed and was retried one request at a time
+        self._batch_faults = 0  # consecutive retried steps in which every request ran alone
         self.batch_sizes = StepHistogram()  # sequences per step
 
     @property
@@ -148,7 +154,7 @@ class Engine:
         out of memory requeues it (see `_after_out_of_memory`).
         """
         try:
-            return sched, self.runner.execute(sched), []
+            run = self.runner.execute(sched)
         except torch.cuda.OutOfMemoryError as exc:
             traceback.clear_frames(exc.__traceback__)  # let the failed step's tensors go
             if len(sched.chunks) == 1:
@@ -163,6 +169,10 @@ class Engine:
                 return _NOTHING_RAN, RunnerOutput({}, {}, {}), [self._fail(request, exc)]
             traceback.clear_frames(exc.__traceback__)
             error = exc
+        else:
+            if len(sched.chunks) > 1:
+                self._batch_faults = 0
+            return sched, run, []
         self.num_retried_steps += 1
         logger.warning(
             "model step of %d requests failed (%s: %s); retrying each alone",
@@ -178,7 +188,28 @@ class Engine:
             merged.logprobs.update(run.logprobs)
             merged.prompt_logprobs.update(run.prompt_logprobs)
             failed += fails
+        if len(ran) == len(sched.chunks):  # each request ran alone: the batch broke the forward
+            self._note_batch_fault(len(sched.chunks), error)
+        else:
+            self._batch_faults = 0
         return SchedulerOutput(tuple(ran), sched.preempted), merged, failed
+
+    def _note_batch_fault(self, size: int, error: Exception) -> None:
+        """A forward of `size` requests failed, yet each of them ran alone. Once may be a passing
+        glitch; BATCH_FAULTS_BEFORE_SHRINK times in a row, the fault comes with the batch size (or
+        memory runs short at that size), and retrying every step one request at a time would cost
+        a forward per request for good: halve the most requests per step instead."""
+        self._batch_faults += 1
+        if self._batch_faults < BATCH_FAULTS_BEFORE_SHRINK:
+            return
+        self._batch_faults = 0
+        cap = max(1, min(self.scheduler.max_batch, size) // 2)
+        logger.error(
+            "forwards of %d requests keep failing (%s) though each request runs alone: "
+            "at most %d requests per step from now on",
+            size, type(error).__name__, cap,
+        )  # fmt: skip
+        self.scheduler.max_batch = cap
 
     def _expire_overdue(self) -> list[RequestOutput]:
         """Drop requests that waited past `max_queue_time_s` with none of their choices started."""

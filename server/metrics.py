@@ -24,7 +24,8 @@ What is counted:
   (resident memory, open file descriptors, CPU seconds): what a leak would grow.
 - `engine_retried_steps_total`: steps whose batched forward failed and was retried one request at
   a time. It climbs on every step if a fault depends on the batch rather than on one request
-  (each such step then costs one forward per request): worth an alert.
+  (each such step then costs one forward per request): worth an alert. After two such steps in a
+  row the engine halves `max_batch_size` (a gauge), which stays lowered until a restart.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ class _EngineCollector(Collector):
             PREFIX + "engine_retried_steps",
             "Engine iterations whose batched forward failed and was retried one request at a time",
             stats.num_retried_steps,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "max_batch_size",
+            "Most sequences per step: max_num_seqs, halved each time batched forwards keep failing",
+            stats.max_batch,
         )
         if stats.batch_size_buckets:
             yield HistogramMetricFamily(

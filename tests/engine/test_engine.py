@@ -201,6 +201,29 @@ def test_forward_that_one_request_breaks_fails_that_request_only(hf_dir, alone):
     assert engine._choices == {} and engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 
+def test_forwards_that_fail_at_a_batch_size_shrink_the_batch(hf_dir, alone):
+    """A fault that comes with the batch (any forward of 3 or more requests raises) rather than
+    with a request: each request runs alone every time, so after two such steps in a row the
+    engine halves the requests per step, and the rest run in batches of 2 with unchanged tokens."""
+    engine = make_engine(hf_dir)
+    real_execute = engine.runner.execute
+    sizes = []
+
+    def breaks_at_three(sched):
+        sizes.append(len(sched.chunks))
+        if len(sched.chunks) >= 3:
+            raise RuntimeError("injected fault at this batch size")
+        return real_execute(sched)
+
+    engine.runner.execute = breaks_at_three
+    outs = run(engine, {rid: (p, greedy(24)) for rid, p in PROMPTS.items()})
+    assert {rid: tokens(outs[(rid, 0)]) for rid in PROMPTS} == alone
+    assert engine.num_retried_steps == 2 and engine.scheduler.max_batch == 2
+    assert sizes[:12] == [5, 1, 1, 1, 1, 1, 5, 1, 1, 1, 1, 1]  # twice in a row, then shrunk
+    assert max(sizes[12:]) == 2
+    assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+
+
 def test_out_of_memory_in_a_step_is_retried_and_output_is_unchanged(hf_dir, alone):
     """RELIABILITY 14: torch.OutOfMemoryError injected in the runner: in the first (batched)
     prefill step, then again when "d" is retried alone. The step is retried request by request;
@@ -221,6 +244,7 @@ def test_out_of_memory_in_a_step_is_retried_and_output_is_unchanged(hf_dir, alon
     assert all(outs[(rid, 0)][-1].finish_reason is FinishReason.LENGTH for rid in PROMPTS)
     assert calls[1:6] == [[rid] for rid in PROMPTS]  # the first step, one request at a time
     assert engine.num_retried_steps == 1 and engine.scheduler.num_preemptions == 1  # "d" alone
+    assert engine.scheduler.max_batch == engine.config.max_num_seqs  # one failure: no shrinking
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 

@@ -22,6 +22,7 @@ NAMES = [
     "engine_steps_total",
     "engine_retried_steps_total",
     "server_tasks",
+    "max_batch_size",
     "prompt_tokens_total",
     "generation_tokens_total",
     *(
