@@ -136,6 +136,27 @@ def test_max_num_seqs_limits_running():
     assert len(out.chunks) == 3 and len(s.running) == 3 and len(s.waiting) == 4
 
 
+def test_a_lowered_batch_cap_schedules_fewer_even_with_more_running():
+    """The engine lowers `max_batch` mid-run: requests already running beyond it wait (keeping
+    their blocks) while the first ones go on, nobody new is admitted, and every output is still
+    the reference."""
+    cfg = EngineConfig(max_model_len=64, num_kv_blocks=100, block_size=4, max_num_seqs=6)
+    s = Scheduler(cfg)
+    reqs = [make_request(f"r{i}", [3 + i, 4, 5], 6) for i in range(8)]
+    for r in reqs:
+        s.add(r)
+    assert len(run_step(s).chunks) == 6
+    s.max_batch = 2
+    out = run_step(s)
+    assert [c.request.request_id for c in out.chunks] == ["r0", "r1"] and len(s.waiting) == 2
+    while s.has_work:
+        out = run_step(s)
+        assert 1 <= len(out.chunks) <= 2
+    for r in reqs:
+        assert r.output_token_ids == reference_output([3 + int(r.request_id[1:]), 4, 5], 6)
+    assert s.blocks.num_free_blocks == cfg.num_kv_blocks
+
+
 def test_abort_frees_blocks_at_once():
     cfg = EngineConfig(max_model_len=64, num_kv_blocks=20, block_size=4)
     s = Scheduler(cfg)
