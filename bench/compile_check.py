@@ -140,10 +140,14 @@ def record_attention(rec: Recorder, quick: bool) -> None:
         rec.label = f"decode attention, {splits} split(s)"
         tables, lens = torch.zeros(16, 32, dtype=torch.int64), torch.full((16,), 300)
         attention_kernels.decode_attention(q[:16], cache, tables, lens, 0.1, num_splits=splits)
+    # Block tables as wide as the runner makes them for Mixtral's 32k context (2,048 blocks).
+    builder = BatchBuilder(64, 16, 32768 // BLOCK, BLOCK, torch.device("cpu"))
     rec.label = "prefill attention (+ 8 decodes)"
     chunks = [SequenceChunk([7], 20, [0, 1])] * 8 + [SequenceChunk([7] * 32, 16, [2, 3, 4])]
-    meta = BatchBuilder(64, 16, 8, BLOCK, torch.device("cpu")).build(chunks).attn
-    attention_kernels.paged_attention(q, cache, meta, 0.1)
+    attention_kernels.paged_attention(q, cache, builder.build(chunks).attn, 0.1)
+    rec.label = "prefill attention"
+    meta = builder.build([SequenceChunk([7] * 32, 16, [2, 3, 4])]).attn
+    attention_kernels.paged_attention(q[:32], cache, meta, 0.1)
 
 
 def cubin_resources(cubin: bytes) -> dict[str, int]:
@@ -161,7 +165,7 @@ def cubin_resources(cubin: bytes) -> dict[str, int]:
 def compile_for(launch: Launch, target: GPUTarget):
     c = launch.compile
     src = ASTSource(launch.kernel, c["signature"], c["constants"], c["configs"][0])
-    options = {"num_warps": c["num_warps"], "num_stages": c["num_stages"], "num_ctas": c["num_ctas"]}
+    options = {k: c[k] for k in ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")}
     return triton.compile(src, target=target, options=options)
 
 
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         driver._active, knobs.runtime.jit_cache_hook = saved_driver, saved_hook
         attention_kernels._num_sms, attention_kernels.prefill_block_m = real_sms, real_block_m
+        for launch in rec.launches.values():  # their per-device caches hold the stand-in target
+            launch.kernel.device_caches.clear()
 
     limit = MAX_SHARED[args.arch]
     print(f"# Triton {triton.__version__}, target sm_{args.arch} (shared memory per block <= {limit} B)")

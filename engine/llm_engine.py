@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 # A request whose steps ran out of device memory this many times fails instead of being retried.
 MAX_OOM_RETRIES = 2
 # Consecutive steps whose batched forward failed while each request ran alone, before the engine
-# halves the number of requests per step.
+# halves the number of requests per step; clean steps after which a lowered cap doubles again.
 BATCH_FAULTS_BEFORE_SHRINK = 2
+STEPS_BEFORE_REGROW = 1000
 _NOTHING_RAN = SchedulerOutput((), ())
 
 
@@ -65,6 +66,7 @@ class Engine:
         self.num_steps = 0
         self.num_retried_steps = 0  # steps whose forward failed and was retried one request at a time
         self._batch_faults = 0  # consecutive retried steps in which every request ran alone
+        self._clean_steps = 0  # steps run whole since the batch cap was last lowered
         self.batch_sizes = StepHistogram()  # sequences per step
 
     @property
@@ -143,7 +145,9 @@ class Engine:
                 outputs.append(out)
         return outputs
 
-    def _execute(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, RunnerOutput, list[RequestOutput]]:
+    def _execute(
+        self, sched: SchedulerOutput, alone: bool = False
+    ) -> tuple[SchedulerOutput, RunnerOutput, list[RequestOutput]]:
         """Run the step's forward: (the part of the step that ran, what it produced, outputs of
         the requests it failed).
 
@@ -170,8 +174,8 @@ class Engine:
             traceback.clear_frames(exc.__traceback__)
             error = exc
         else:
-            if len(sched.chunks) > 1:
-                self._batch_faults = 0
+            if not alone:  # a whole step ran
+                self._after_clean_step()
             return sched, run, []
         self.num_retried_steps += 1
         logger.warning(
@@ -182,7 +186,7 @@ class Engine:
         merged = RunnerOutput({}, {}, {})
         failed: list[RequestOutput] = []
         for chunk in sched.chunks:
-            one, run, fails = self._execute(SchedulerOutput((chunk,), ()))
+            one, run, fails = self._execute(SchedulerOutput((chunk,), ()), alone=True)
             ran += one.chunks
             merged.sampled.update(run.sampled)
             merged.logprobs.update(run.logprobs)
@@ -196,20 +200,36 @@ class Engine:
 
     def _note_batch_fault(self, size: int, error: Exception) -> None:
         """A forward of `size` requests failed, yet each of them ran alone. Once may be a passing
-        glitch; BATCH_FAULTS_BEFORE_SHRINK times in a row, the fault comes with the batch size (or
-        memory runs short at that size), and retrying every step one request at a time would cost
-        a forward per request for good: halve the most requests per step instead."""
+        glitch; BATCH_FAULTS_BEFORE_SHRINK steps in a row, the fault comes with the batch (a kernel
+        variant broken at some size, memory short at that size), and retrying every step one
+        request at a time would cost a forward per request for good: halve the requests per
+        step instead. Requests running beyond the new cap are requeued (their KV freed, to be
+        recomputed when they are admitted again) rather than left holding blocks without steps."""
         self._batch_faults += 1
+        self._clean_steps = 0
         if self._batch_faults < BATCH_FAULTS_BEFORE_SHRINK:
             return
         self._batch_faults = 0
-        cap = max(1, min(self.scheduler.max_batch, size) // 2)
+        cap = max(1, self.scheduler.max_batch // 2)
         logger.error(
             "forwards of %d requests keep failing (%s) though each request runs alone: "
-            "at most %d requests per step from now on",
-            size, type(error).__name__, cap,
+            "at most %d requests per step (was %d) until %d clean steps",
+            size, type(error).__name__, cap, self.scheduler.max_batch, STEPS_BEFORE_REGROW,
         )  # fmt: skip
-        self.scheduler.max_batch = cap
+        self._restart_prompt_logprobs(self.scheduler.set_max_batch(cap))
+
+    def _after_clean_step(self) -> None:
+        """A step's forward ran: the run of batch faults is broken, and after STEPS_BEFORE_REGROW
+        clean steps a lowered cap doubles again (up to max_num_seqs)."""
+        self._batch_faults = 0
+        if self.scheduler.max_batch >= self.config.max_num_seqs:
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= STEPS_BEFORE_REGROW:
+            self._clean_steps = 0
+            cap = min(self.config.max_num_seqs, 2 * self.scheduler.max_batch)
+            logger.warning("%d clean steps: at most %d requests per step again", STEPS_BEFORE_REGROW, cap)
+            self.scheduler.set_max_batch(cap)
 
     def _expire_overdue(self) -> list[RequestOutput]:
         """Drop requests that waited past `max_queue_time_s` with none of their choices started."""

@@ -48,8 +48,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        # Most requests scheduled in one step: max_num_seqs, unless the engine lowers it after
-        # batched forwards keep failing at some size (see Engine._note_batch_fault).
+        # Most requests running (so scheduled) in one step: max_num_seqs, unless the engine lowers
+        # it after batched forwards keep failing at some size (see Engine._note_batch_fault).
         self.max_batch = config.max_num_seqs
 
     @property
@@ -64,7 +64,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         i = 0
-        while i < min(len(self.running), self.max_batch) and budget > 0:
+        while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._make_room(request, n, preempted):
@@ -90,12 +90,7 @@ class Scheduler:
 
     def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
         skipped: list[Request] = []
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-            and len(chunks) < self.max_batch
-        ):
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             request = self.waiting.popleft()
             if request.wait_for is not None and not self._sibling_ready(request.wait_for):
                 skipped.append(request)  # n > 1: let the first choice cache the prompt
@@ -145,6 +140,14 @@ class Scheduler:
             for r in self.waiting
             if r.first_scheduled_time is None and r.wait_for is None and now - r.arrival_time > max_wait
         ]
+
+    def set_max_batch(self, cap: int) -> list[Request]:
+        """Run at most `cap` requests from now on; the latest admitted beyond it are requeued
+        (KV dropped, to be recomputed). Returns those."""
+        self.max_batch = cap
+        excess = self.running[cap:]
+        self.requeue(excess)
+        return excess
 
     def requeue(self, requests: Iterable[Request]) -> None:
         """Preempt running `requests` (their KV is dropped, recomputed when readmitted), keeping

@@ -1,4 +1,9 @@
-"""FastAPI dependencies: the app state, injected rather than global."""
+"""FastAPI dependencies: the app state, injected rather than global.
+
+They are `async def` so FastAPI runs them on the event loop: a plain `def` dependency would take a
+worker-thread hop on every request, and the admission check below would race with other requests'
+checks from other threads.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,11 @@ from server.errors import Overloaded, ServiceUnavailable
 from server.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     return request.app.state.mixtral
 
 
-def serving_state(request: Request) -> AppState:
+async def serving_state(request: Request) -> AppState:
     """The state, for routes that start generation: refuses work while draining or overloaded."""
     state: AppState = request.app.state.mixtral
     if state.shutting_down:

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from engine import llm_engine
 from engine.llm_engine import MAX_OOM_RETRIES
 from engine.outputs import RequestRejected
 from engine.request import FinishReason
@@ -201,16 +202,20 @@ def test_forward_that_one_request_breaks_fails_that_request_only(hf_dir, alone):
     assert engine._choices == {} and engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 
-def test_forwards_that_fail_at_a_batch_size_shrink_the_batch(hf_dir, alone):
+def test_forwards_that_fail_at_a_batch_size_shrink_the_batch_then_regrow(hf_dir, alone, monkeypatch):
     """A fault that comes with the batch (any forward of 3 or more requests raises) rather than
     with a request: each request runs alone every time, so after two such steps in a row the
-    engine halves the requests per step, and the rest run in batches of 2 with unchanged tokens."""
-    engine = make_engine(hf_dir)
+    engine halves the requests per step (16 -> 8 -> 4 -> 2, requeueing what runs beyond the cap),
+    tokens unchanged. After STEPS_BEFORE_REGROW clean steps the cap doubles again."""
+    monkeypatch.setattr(llm_engine, "STEPS_BEFORE_REGROW", 10)
+    engine = make_engine(hf_dir)  # max_num_seqs 16
     real_execute = engine.runner.execute
     sizes = []
+    caps = []
 
     def breaks_at_three(sched):
         sizes.append(len(sched.chunks))
+        caps.append(engine.scheduler.max_batch)
         if len(sched.chunks) >= 3:
             raise RuntimeError("injected fault at this batch size")
         return real_execute(sched)
@@ -218,9 +223,13 @@ def test_forwards_that_fail_at_a_batch_size_shrink_the_batch(hf_dir, alone):
     engine.runner.execute = breaks_at_three
     outs = run(engine, {rid: (p, greedy(24)) for rid, p in PROMPTS.items()})
     assert {rid: tokens(outs[(rid, 0)]) for rid in PROMPTS} == alone
-    assert engine.num_retried_steps == 2 and engine.scheduler.max_batch == 2
-    assert sizes[:12] == [5, 1, 1, 1, 1, 1, 5, 1, 1, 1, 1, 1]  # twice in a row, then shrunk
-    assert max(sizes[12:]) == 2
+    failed = [i for i, n in enumerate(sizes) if n >= 3]  # each followed by its requests alone
+    assert engine.num_retried_steps == len(failed)
+    assert [caps[i] for i in failed[:6]] == [16, 16, 8, 8, 4, 4]  # halved after two in a row
+    shrunk = caps.index(2)
+    assert shrunk == failed[5] + 1 + sizes[failed[5]]  # right after the sixth step's retries
+    assert 4 in caps[shrunk:]  # after 10 clean steps at 2 the cap doubles again
+    assert all(caps[i] == 4 for i in failed[6:])  # where the fault shrinks it back
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 

@@ -136,22 +136,23 @@ def test_max_num_seqs_limits_running():
     assert len(out.chunks) == 3 and len(s.running) == 3 and len(s.waiting) == 4
 
 
-def test_a_lowered_batch_cap_schedules_fewer_even_with_more_running():
-    """The engine lowers `max_batch` mid-run: requests already running beyond it wait (keeping
-    their blocks) while the first ones go on, nobody new is admitted, and every output is still
-    the reference."""
+def test_lowering_the_batch_cap_requeues_the_latest_and_keeps_outputs():
+    """The engine lowers the cap mid-run: the requests admitted last are requeued (blocks freed),
+    only the first ones run, nobody is admitted beyond the cap, and every output is still the
+    reference."""
     cfg = EngineConfig(max_model_len=64, num_kv_blocks=100, block_size=4, max_num_seqs=6)
     s = Scheduler(cfg)
     reqs = [make_request(f"r{i}", [3 + i, 4, 5], 6) for i in range(8)]
     for r in reqs:
         s.add(r)
     assert len(run_step(s).chunks) == 6
-    s.max_batch = 2
-    out = run_step(s)
-    assert [c.request.request_id for c in out.chunks] == ["r0", "r1"] and len(s.waiting) == 2
+    requeued = s.set_max_batch(2)
+    assert [r.request_id for r in requeued] == ["r2", "r3", "r4", "r5"]
+    assert [r.request_id for r in s.waiting] == ["r2", "r3", "r4", "r5", "r6", "r7"]
+    assert all(not r.block_ids for r in requeued)
     while s.has_work:
         out = run_step(s)
-        assert 1 <= len(out.chunks) <= 2
+        assert 1 <= len(out.chunks) <= 2 and len(s.running) <= 2
     for r in reqs:
         assert r.output_token_ids == reference_output([3 + int(r.request_id[1:]), 4, 5], 6)
     assert s.blocks.num_free_blocks == cfg.num_kv_blocks

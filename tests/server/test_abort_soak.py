@@ -3,9 +3,9 @@
 Each client opens a stream, reads its first token and hangs up; four clients at a time. After
 the 200th and the 1,000th abort, with the server idle again: KV cache usage, running and waiting
 sequences and asyncio tasks are exactly at the baseline taken before the first, every abandoned
-choice is counted as an abort, and from abort 200 to abort 1,000 the thread count did not change
-and the resident memory grew less than 50 MB. (anyio starts worker threads on demand and keeps
-them, and CPython keeps memory it freed: the first few hundred requests warm both.)
+choice is counted as an abort, and from abort 200 to abort 1,000 the thread count grew by at most
+the two workers a pool may add, and the resident memory by less than 50 MB. (CPython keeps memory
+it freed: the first few hundred requests warm its pools.)
 """
 
 from __future__ import annotations
@@ -49,14 +49,18 @@ def threads(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/task").iterdir()))
 
 
-def at_rest(server) -> dict[str, float]:
+def at_rest(server, tasks: float | None = None) -> dict[str, float]:
     """Metrics once the server is idle: abandoned sequences leave the batch within a step, so
-    within 5 s of the last client hanging up nothing may run (a 4,000-token stream takes longer)."""
+    within 5 s of the last client hanging up nothing may run (a 4,000-token stream takes longer),
+    and the event loop is back to `tasks` tasks (a stream's own tasks end just after it)."""
     deadline = time.monotonic() + 5
-    while (now := scrape(server))["num_requests_running"] + now["num_requests_waiting"]:
-        assert time.monotonic() < deadline, "abandoned sequences still run"
+    while True:
+        now = scrape(server)
+        busy = now["num_requests_running"] + now["num_requests_waiting"]
+        if not busy and (tasks is None or now["server_tasks"] == tasks):
+            return now
+        assert time.monotonic() < deadline, f"not at rest: {busy} sequences, {now['server_tasks']} tasks"
         time.sleep(0.05)
-    return now
 
 
 def test_a_thousand_abandoned_streams_leave_nothing_behind(long_dir, tmp_path):
@@ -66,15 +70,16 @@ def test_a_thousand_abandoned_streams_leave_nothing_behind(long_dir, tmp_path):
         abandon_streams(server, 0, CLIENTS, deadline)  # warm-up: the first requests' one-off allocations
         base = at_rest(server)
         abandon_streams(server, CLIENTS, CHECKPOINT, deadline)
-        mid = at_rest(server)
+        mid = at_rest(server, base["server_tasks"])
         mid_threads = threads(server.process.pid)
         abandon_streams(server, CLIENTS + CHECKPOINT, ABORTS - CHECKPOINT, deadline)
-        end = at_rest(server)
+        end = at_rest(server, base["server_tasks"])
         assert end[ABORT_REASON] - base[ABORT_REASON] == ABORTS  # none ran to its end
         for now in (mid, end):
             assert now["kv_cache_usage_perc"] == base["kv_cache_usage_perc"] == 0
-            assert now["server_tasks"] == base["server_tasks"]
-        assert threads(server.process.pid) == mid_threads
+        # Thread pools (prompt encoding) may start a worker or two more at a new peak of
+        # concurrency, or retire idle ones; a leak would add one per request.
+        assert threads(server.process.pid) <= mid_threads + 2
         grown = end["process_resident_memory_bytes"] - mid["process_resident_memory_bytes"]
         assert grown < 50e6, f"resident memory grew {grown / 1e6:.0f} MB from abort {CHECKPOINT} to {ABORTS}"
         assert scrape(server)["num_requests_running"] == 0
