@@ -25,7 +25,7 @@ What is counted:
 - `engine_retried_steps_total`: steps whose batched forward failed and was retried one request at
   a time. It climbs on every step if a fault depends on the batch rather than on one request
   (each such step then costs one forward per request): worth an alert. After two such steps in a
-  row the engine halves `max_batch_size` (a gauge), which stays lowered until a restart.
+  row the engine halves `max_batch_size` (a gauge); 1,000 clean steps double it again.
 """
 
 from __future__ import annotations
