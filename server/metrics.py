@@ -23,9 +23,9 @@ What is counted:
 - `server_tasks`: asyncio tasks alive in the event loop, and the standard `process_*` metrics
   (resident memory, open file descriptors, CPU seconds): what a leak would grow.
 - `engine_retried_steps_total`: steps whose batched forward failed and was retried one request at
-  a time. It climbs on every step if a fault depends on the batch rather than on one request
-  (each such step then costs one forward per request): worth an alert. After two such steps in a
-  row the engine halves `max_batch_size` (a gauge); 1,000 clean steps double it again.
+  a time (each such step costs one forward per request): worth an alert. When two in a row find
+  no failing request, the fault comes with the batch: the engine halves `max_batch_size` (a
+  gauge), and 1,000 clean steps double it again.
 """
 
 from __future__ import annotations
