@@ -66,6 +66,18 @@ def start_server(
     raise RuntimeError(f"server not ready in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def scrape(server: RunningServer) -> dict[str, float]:
+    """/metrics as {sample name with its labels, "mixtral:" dropped: value}."""
+    r = httpx.get(f"{server.url}/metrics", headers=server.headers(), timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key.removeprefix("mixtral:")] = float(value)
+    return samples
+
+
 def stop_server(server: RunningServer) -> None:
     if server.process.poll() is None:
         server.process.terminate()

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.server.conftest import MODEL, start_server, stop_server
-from tests.server.test_metrics import scrape
+from tests.server.conftest import MODEL, scrape, start_server, stop_server
 
 ABORTS, CHECKPOINT, CLIENTS = 1000, 200, 4
 STREAM_TOKENS = 4000  # what each stream asks for: had it run on, it would outlast every check below

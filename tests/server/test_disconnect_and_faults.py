@@ -26,7 +26,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import MODEL, start_server, stop_server
+from tests.server.conftest import MODEL, scrape, start_server, stop_server
 
 CHAT = "/v1/chat/completions"
 KV_CACHE_GB = "0.00158"  # the tiny model's KV cache takes 512 B/token: 207 blocks of 16 tokens
@@ -201,9 +201,8 @@ def test_clients_that_leave_while_queued_free_their_places(small_server, stream)
 
 
 def sequences_in_engine(server) -> float:
-    metrics = httpx.get(f"{server.url}/metrics", headers=server.headers(), timeout=5).text
-    gauges = ("mixtral:num_requests_running ", "mixtral:num_requests_waiting ")
-    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(gauges))
+    now = scrape(server)
+    return now["num_requests_running"] + now["num_requests_waiting"]
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(long_dir, tmp_path):

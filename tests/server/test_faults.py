@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import API_KEY, MODEL, start_server, stop_server
+from tests.server.conftest import API_KEY, MODEL, scrape, start_server, stop_server
 from tests.server.faulty_server import (
     BREAKS_AT_ONCE,
     BREAKS_MID_WAY,
@@ -98,10 +98,7 @@ def test_failure_before_anything_was_sent_is_a_plain_http_error(faulty, stream):
 
 
 def finished_choices(server, reason: str) -> float:
-    metrics = httpx.get(server.url + "/metrics", headers=server.headers()).text
-    name = f'mixtral:request_success_total{{finished_reason="{reason}"}}'
-    (line,) = [x for x in metrics.splitlines() if x.startswith(name)]
-    return float(line.split()[-1])
+    return scrape(server)[f'request_success_total{{finished_reason="{reason}"}}']
 
 
 def test_one_failed_choice_fails_the_request_and_counts_its_siblings_as_errors(faulty):

@@ -11,9 +11,8 @@ import time
 
 import httpx
 
-from tests.server.conftest import API_KEY, MODEL
+from tests.server.conftest import API_KEY, MODEL, scrape
 
-P = "mixtral:"
 NAMES = [
     "num_requests_running",
     "num_requests_waiting",
@@ -43,17 +42,6 @@ NAMES = [
         for part in ("count", "sum")
     ),
 ]
-
-
-def scrape(server) -> dict[str, float]:
-    r = httpx.get(f"{server.url}/metrics", headers=server.headers(), timeout=10)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for line in r.text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key.removeprefix(P)] = float(value)
-    return samples
 
 
 def idle(server) -> dict[str, float]:
