@@ -107,7 +107,7 @@ class Recorder:
 
 def record_moe(rec: Recorder, arch: int, quick: bool) -> None:
     schemes = [None, WeightQuant.INT8] + ([WeightQuant.FP8] if arch >= 89 else [])
-    tables = {"H100": moe_configs.TUNED[(8, 14336, "H100")], "H200": moe_configs.TUNED[(8, 14336, "H200")]}
+    tables = {family: table for (_, _, family), table in moe_configs.TUNED.items()}
     if quick:
         tables = {"H100": {t: tables["H100"][t] for t in (1, 32, 256)}}
         schemes = [None, schemes[-1]]
@@ -179,15 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     saved_driver, saved_hook = driver._active, knobs.runtime.jit_cache_hook
     driver.set_active(OfflineDriver(target))
     knobs.runtime.jit_cache_hook = rec.hook
-    real_sms, real_block_m = attention_kernels._num_sms, attention_kernels.prefill_block_m
-    attention_kernels._num_sms = lambda device: 132  # what the kernels see on an H100
+    real_sms, real_block_m = attention_kernels.sm_count, attention_kernels.prefill_block_m
+    attention_kernels.sm_count = lambda device: 132  # what the kernels see on an H100
     attention_kernels.prefill_block_m = lambda device: 64
     try:
         record_moe(rec, args.arch, args.quick)
         record_attention(rec, args.quick)
     finally:
         driver._active, knobs.runtime.jit_cache_hook = saved_driver, saved_hook
-        attention_kernels._num_sms, attention_kernels.prefill_block_m = real_sms, real_block_m
+        attention_kernels.sm_count, attention_kernels.prefill_block_m = real_sms, real_block_m
         for launch in rec.launches.values():  # their per-device caches hold the stand-in target
             launch.kernel.device_caches.clear()
 

@@ -211,8 +211,8 @@ def long_context_attention(
     blocks = -(-context // BLOCK)
     dtype = torch.bfloat16
     cache = torch.randn(2, max(batches) * blocks, BLOCK, kv_heads, head_dim, device=device, dtype=dtype)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     scale = head_dim**-0.5
+    sms = triton_attention.sm_count(device)
     print(f"decode attention alone, {context}-token contexts (bf16):")
     print("  | batch | splits | ms | bytes to read | of bandwidth ceiling |")
     rows = []

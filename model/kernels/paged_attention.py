@@ -257,7 +257,7 @@ def decode_attention(
     min_blocks = MIN_BLOCKS_PER_SPLIT if min_blocks_per_split is None else min_blocks_per_split
     if num_splits is None:
         max_blocks = block_tables.shape[1]
-        num_splits = decode_splits(num_seqs, num_kv_heads, max_blocks, _num_sms(q.device), min_blocks)
+        num_splits = decode_splits(num_seqs, num_kv_heads, max_blocks, sm_count(q.device), min_blocks)
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     part = stats = out  # not read when the context is not split
@@ -300,7 +300,7 @@ def prefill_block_m(device: torch.device) -> int:
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter: no split by default)."""
     if device.type != "cuda":
         return 1

@@ -78,7 +78,7 @@ def test_decode_graph_buffers_and_padding_keep_tokens_equal(hf_dir, monkeypatch,
     torch path's. A padding row that wrote its KV (slot 0) or read a stale block would change them.
     split-kv: decode attention sized as for an H100 (132 SMs), one block per split."""
     if split_kv:
-        monkeypatch.setattr(paged_kernels, "_num_sms", lambda device: 132)
+        monkeypatch.setattr(paged_kernels, "sm_count", lambda device: 132)
         monkeypatch.setattr(paged_kernels, "MIN_BLOCKS_PER_SPLIT", 1)
         launches = []
         monkeypatch.setattr(paged_kernels, "_decode_kernel", counted(paged_kernels._decode_kernel, launches))
