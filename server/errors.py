@@ -8,6 +8,8 @@ bad field never makes a huge response, and nothing internal (tracebacks, paths) 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,12 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import EngineNotReadyError
 from engine.outputs import (
     EngineDeadError,
-    EngineError,
     QueueTimeoutError,
     RequestFailedError,
     RequestRejected,
 )
 from engine.sampling_params import InvalidSamplingParams
+from server.protocol import INVALID_UNICODE
 from tokenization.errors import InvalidConversationError
 
 logger = logging.getLogger(__name__)
@@ -94,38 +96,57 @@ class Overloaded(APIError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+def not_ready() -> ServiceUnavailable:
+    return ServiceUnavailable("The model is still loading", "not_ready")
+
+
+def engine_dead() -> ServiceUnavailable:
+    return ServiceUnavailable("The engine stopped; the server is restarting", "engine_dead")
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    # A message that quotes a bad field could hold a lone surrogate, which UTF-8 cannot encode.
+    message = message.encode("utf-8", "replace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def _conversation(exc: InvalidConversationError) -> APIError:
+    param = "messages" if exc.index is None else f"messages[{exc.index}]"
+    return BadRequest(str(exc), param=param, code="invalid_conversation")
+
+
+def _failed(exc: RequestFailedError) -> APIError:
+    logger.warning("request failed in the engine (%s): %s", exc.code, exc)
+    if exc.code == "out_of_memory":
+        return ServiceUnavailable(
+            "The server ran out of accelerator memory serving this request; retry later", "out_of_memory"
+        )
+    return InternalError("Generating the completion failed; the cause is in the server's log")
+
+
+# Every expected failure, by class, and its API error. Each class gets a handler of its own:
+# Starlette routes anything that only the `Exception` handler catches to ServerErrorMiddleware,
+# which re-raises it after answering, so uvicorn logs a traceback and closes the connection.
+EXPECTED_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
+    APIError: lambda exc: exc,
+    InvalidSamplingParams: lambda exc: BadRequest(str(exc), param=exc.param, code="invalid_value"),
+    InvalidConversationError: _conversation,
+    RequestRejected: lambda exc: BadRequest(str(exc), param="messages", code=exc.code),
+    EngineDeadError: lambda exc: engine_dead(),
+    QueueTimeoutError: lambda exc: ServiceUnavailable(str(exc), "queue_timeout", retry_after=5),
+    EngineNotReadyError: lambda exc: not_ready(),
+    RequestFailedError: _failed,
+}
+
+
 def to_api_error(exc: Exception) -> APIError:
-    """Map the engine's and tokenizer's typed errors to API errors."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, InvalidSamplingParams):
-        return BadRequest(str(exc), param=exc.param)
-    if isinstance(exc, InvalidConversationError):
-        param = "messages" if exc.index is None else f"messages[{exc.index}]"
-        return BadRequest(str(exc), param=param, code="invalid_conversation")
-    if isinstance(exc, RequestRejected):
-        return BadRequest(str(exc), param="messages", code=exc.code)
-    if isinstance(exc, EngineDeadError):
-        return ServiceUnavailable("The engine stopped; the server is restarting", "engine_dead")
-    if isinstance(exc, QueueTimeoutError):
-        return ServiceUnavailable(str(exc), "queue_timeout", retry_after=5)
-    if isinstance(exc, EngineNotReadyError):
-        return ServiceUnavailable("The model is still loading", "not_ready")
-    if isinstance(exc, RequestFailedError):
-        logger.warning("request failed in the engine (%s): %s", exc.code, exc)
-        if exc.code == "out_of_memory":
-            return ServiceUnavailable(
-                "The server ran out of accelerator memory serving this request; retry later", "out_of_memory"
-            )
-        return InternalError("Generating the completion failed; the cause is in the server's log")
-    logger.error("unexpected error: %s: %s", type(exc).__name__, exc)
-    return InternalError("Internal server error")
+    """The API error of an expected failure: the most specific class in `EXPECTED_ERRORS`."""
+    for cls in type(exc).__mro__:
+        if cls in EXPECTED_ERRORS:
+            return EXPECTED_ERRORS[cls](exc)
+    raise TypeError(f"{type(exc).__name__} is not an expected error") from exc
 
 
 def api_error_response(exc: Exception) -> JSONResponse:
@@ -135,6 +156,18 @@ def api_error_response(exc: Exception) -> JSONResponse:
     )
 
 
+INTERNAL_ERROR_BODY = error_body("Internal server error", InternalError.type, None, "internal_error")
+
+
+# The member of a union that pydantic names in an error's location (`stop.str`): not a field.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def field_path(loc: list) -> str:
+    """`messages.0.content` as a client names it, without union members: `stop`, not `stop.str`."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
+
+
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     detail = [
         {"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:200]}
@@ -142,21 +175,27 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     ]
     fields = [e["loc"][1] for e in detail if len(e["loc"]) > 1 and e["loc"][0] == "body"]
     first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
-    param = ".".join(str(p) for p in first["loc"][1:]) or None
+    param = field_path(first["loc"][1:]) or None
     unparsable = any(e["type"] == "json_invalid" or e["loc"] == ["body"] for e in detail)
     status = 400 if unparsable or (fields and all(f in SCALAR_PARAMS for f in fields)) else 422
     message = f"{param or 'body'}: {first['msg']}"
     if first.get("type") == "json_invalid":  # its loc is the byte offset, not a field
         param, message = None, "Request body is not valid JSON"
+    elif first.get("type") == INVALID_UNICODE:  # found by the model, which names the field
+        param, message = exc.errors()[0]["ctx"]["param"], first["msg"]
     body = error_body(message, "invalid_request_error", param, "invalid_value")
     body["detail"] = detail
     return JSONResponse(body, status)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    """One handler per expected class; a bug meets `server.middleware.ServerErrors` instead."""
+
+    async def expected(request: Request, exc: Exception) -> JSONResponse:
         return api_error_response(exc)
+
+    for cls in EXPECTED_ERRORS:
+        app.add_exception_handler(cls, expected)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -166,14 +205,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), type_), exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(EngineError)
-    @app.exception_handler(EngineNotReadyError)
-    async def _engine(request: Request, exc: Exception) -> JSONResponse:
-        # Expected conditions (queue timeout, engine restarting): mapped here, not by the
-        # catch-all below, which Starlette also re-raises to the server's error log.
-        return api_error_response(exc)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return api_error_response(exc)

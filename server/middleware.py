@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids and access logs, API keys, body limits.
+"""ASGI middleware: request ids and access logs, a last-resort 500, API keys, body limits.
 
 Pure ASGI (not `BaseHTTPMiddleware`) so streaming responses pass through untouched.
 """
@@ -14,12 +14,15 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_body
+from server.errors import INTERNAL_ERROR_BODY, error_body
 
 access_log = logging.getLogger("mixtral_server.access")
+logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 _REQUEST_ID_MAX = 128
+# A refused body is read and dropped up to this many times the limit, so the client sees the 413.
+DISCARD_FACTOR = 4
 
 
 async def _send_json(
@@ -82,6 +85,43 @@ class RequestContext:
             )
 
 
+class ServerErrors:
+    """A bug (an exception no typed handler maps) becomes a 500, logged with its traceback.
+
+    Starlette's own last resort answers and then re-raises to uvicorn, which closes the
+    connection, so a client's next request on it fails with "connection reset". Answered here,
+    the connection stays open and the access log and `X-Request-Id` cover the 500 too. Once the
+    response has started there is nothing left to answer with, and the error goes on to uvicorn.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception:
+            if started:
+                raise
+            request_id = scope.get("state", {}).get("request_id")
+            logger.exception(
+                "unexpected error serving %s %s (request %s)",
+                scope["method"],
+                scope["path"][:200],
+                request_id,
+            )
+            await _send_json(send, 500, INTERNAL_ERROR_BODY)
+
+
 class ApiKeyAuth:
     """Bearer keys on everything but liveness and readiness; constant-time comparison.
 
@@ -107,22 +147,32 @@ class ApiKeyAuth:
 
 
 class BodyLimit:
-    """413 for bodies over `max_bytes`, without reading more than that.
+    """413 for bodies over `max_bytes`, answered so that the client can read it.
 
-    A declared Content-Length is checked up front; every body is then buffered up to the limit
-    before the app sees it (the header alone is no bound), then replayed.
+    httpx (so both SDKs) writes the whole body before it reads a response. Were the server to
+    answer and close with the body half read, the client would see a reset, not the 413. So the
+    rest of a refused body is read and dropped up to `DISCARD_FACTOR` times the limit, and the
+    connection stays open; a body declared or found longer than that is answered at once with
+    `Connection: close`. Every accepted body is buffered up to the limit (a Content-Length header
+    alone is no bound) before the app sees it, then replayed.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.discard_bytes = DISCARD_FACTOR * max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_json(send, 413, self._body())
+            # A client that waits for "100 Continue" sends nothing more unless asked: answer now.
+            expects = headers.get(b"expect", b"").lower() == b"100-continue"
+            if expects or int(length) > self.discard_bytes:
+                return await self._refuse(send, close=True)
+            return await self._refuse(send, close=not await self._discard(receive, 0))
         # Count what arrives even under a small Content-Length: sent next to
         # `Transfer-Encoding: chunked`, the server reads the chunked body, however long.
         buffered: list[Message] = []
@@ -134,7 +184,8 @@ class BodyLimit:
                 break
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                return await _send_json(send, 413, self._body())
+                ended = not message.get("more_body", False) or await self._discard(receive, seen)
+                return await self._refuse(send, close=not ended)
             if not message.get("more_body", False):
                 break
 
@@ -143,10 +194,22 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    def _body(self) -> dict:
-        return error_body(
+    async def _discard(self, receive: Receive, seen: int) -> bool:
+        """Read and drop the body up to `discard_bytes`; True if it ended within them."""
+        while seen <= self.discard_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return False  # the client left
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return seen <= self.discard_bytes
+        return False
+
+    async def _refuse(self, send: Send, close: bool) -> None:
+        body = error_body(
             f"Request body larger than {self.max_bytes} bytes", "invalid_request_error", None, "too_large"
         )
+        await _send_json(send, 413, body, [(b"connection", b"close")] if close else [])
 
 
 class JsonContentType:

@@ -12,16 +12,58 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic_core import PydanticCustomError
 
 Number = Annotated[float, Strict()]  # int or float, never a string or bool
 Integer = Annotated[int, Strict()]
+INVALID_UNICODE = "invalid_unicode"  # the validation error type of a lone surrogate
+
+
+def lone_surrogate_at(body: Any) -> str | None:
+    """Where `body` (parsed JSON) holds a string that is not valid Unicode, as `messages[0].content`.
+
+    JSON can spell a lone UTF-16 surrogate (`"\\ud800"`) that no UTF-8 text can hold; Python's
+    parser lets it through, and the tokenizers then fail on it deep inside.
+    """
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not _encodes(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if not _encodes(str(key)):
+                    return path or "body"
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class APIRequest(BaseModel):
     """Base of every request: unknown fields are accepted and ignored (their names are logged)."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (where := lone_surrogate_at(data)) is not None:
+            raise PydanticCustomError(
+                INVALID_UNICODE, "{param}: text is not valid Unicode (a lone surrogate)", {"param": where}
+            )
+        return data
 
     def unknown_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
