@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from sse_starlette.sse import EventSourceResponse
 
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
@@ -31,13 +30,12 @@ from server.protocol import (
     now,
 )
 from server.sampling import chat_sampling_params
+from server.sse import event_stream, sse_json
 from server.state import AppState, ServedModel
 from tokenization import ChatMessage, parse_messages, with_safe_prompt
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def check_unsupported(req: ChatCompletionRequest, model: ServedModel) -> None:
@@ -93,7 +91,7 @@ async def chat_completions(
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         stream = ChatStream(state, req.model, request_id, prompt_ids, params, ctx, include_usage)
         await stream.start(request)  # errors before the first token are plain HTTP errors
-        return EventSourceResponse(stream.events(), sep="\n", headers=SSE_HEADERS, ping=15)
+        return event_stream(stream.events())
     result = await collect(request, state.engine, prompt_ids, params, request_id, ctx)
     choices = [
         ChatChoice(
@@ -165,7 +163,7 @@ class ChatStream:
         chunk = ChatCompletionChunk(
             id=self.request_id, created=self.created, model=self.model_name, choices=choices, usage=usage_info
         )
-        return chunk.model_dump_json()
+        return sse_json(chunk)
 
     async def events(self) -> AsyncIterator[str]:
         completion_tokens = 0

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Annotated, NamedTuple
 
 from fastapi import APIRouter, Depends, Request
-from sse_starlette.sse import EventSourceResponse
 
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
@@ -23,9 +22,10 @@ from server.deps import serving_state
 from server.errors import BadRequest
 from server.generation import check_failed, collect, finish_reason, wait_watching
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, now
-from server.routes.chat import SSE_HEADERS, usage
+from server.routes.chat import usage
 from server.routes.tokenize import check_token_ids
 from server.sampling import completion_sampling_params
+from server.sse import event_stream, sse_json
 from server.state import AppState, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ async def completions(
     if req.stream:
         stream = CompletionStream(state, req, model, rid, prompts)
         await stream.start(request)  # errors before the first token are plain HTTP errors
-        return EventSourceResponse(stream.events(), sep="\n", headers=SSE_HEADERS, ping=15)
+        return event_stream(stream.events())
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [
@@ -207,7 +207,7 @@ class CompletionStream:
         chunk = CompletionResponse(
             id=self.rid, created=self.created, model=self.req.model, choices=choices, usage=body
         )
-        return chunk.model_dump_json()
+        return sse_json(chunk)
 
     async def events(self) -> AsyncIterator[str]:
         req, n = self.req, self.req.n

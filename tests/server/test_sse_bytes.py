@@ -6,7 +6,10 @@ import json
 
 import httpx
 
+from engine.outputs import RequestOutput
+from engine.request import FinishReason
 from tests.server.conftest import MODEL
+from tests.server.test_admission import BODY, FakeEngine, app_with
 
 MESSAGES = [{"role": "user", "content": "Count to three."}]
 CHAT = "/v1/chat/completions"
@@ -123,3 +126,39 @@ def test_request_id_echoed_or_generated(server):
     # Errors carry one too, even those answered by the middleware (401) before any route.
     unauthorized = httpx.get(f"{server.url}/v1/models", headers={"X-Request-Id": "e-1"})
     assert unauthorized.status_code == 401 and unauthorized.headers["x-request-id"] == "e-1"
+
+
+# U+0085 (NEL), U+2028 and U+2029: JSON may hold them raw, but httpx's `iter_lines` (so the SDKs'
+# stream readers) breaks lines at them, as Python's `str.splitlines` does.
+LINE_BREAKERS = "a\u0085b\u2028c\u2029d"
+
+
+def data_lines(r: httpx.Response) -> list[dict]:
+    """Each `data:` line as the SDKs read it: line by line through httpx, each line one JSON."""
+    out = []
+    for line in r.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[len("data: ") :]))
+        else:
+            assert line in ("", "data: [DONE]") or line.startswith(": "), line[:80]
+    return out
+
+
+def test_line_breaking_characters_are_escaped_in_completion_streams(server):
+    body = {"model": MODEL, "prompt": LINE_BREAKERS, "max_tokens": 2, "echo": True, "stream": True}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body, headers=server.headers(), timeout=60
+    ) as r:
+        chunks = data_lines(r)
+    assert chunks[0]["choices"][0]["text"].startswith(LINE_BREAKERS)
+
+
+def test_line_breaking_characters_are_escaped_in_chat_streams(hf_dir):
+    class Speaks(FakeEngine):
+        async def generate(self, prompt_ids, params, request_id, context_ids=()):
+            yield RequestOutput(request_id, 0, (5,), LINE_BREAKERS, True, FinishReason.LENGTH, None, 3, 1, 0)
+
+    client, _ = app_with(Speaks(), hf_dir, limit=4)
+    with client.stream("POST", "/v1/chat/completions", json=BODY | {"stream": True}) as r:
+        chunks = data_lines(r)
+    assert "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks) == LINE_BREAKERS
