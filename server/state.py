@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.sampling_params import SamplingParams
-from server.errors import NotFound
+from server.errors import NotFound, Overloaded, engine_dead, not_ready
 from server.protocol import ModelCapabilities, ModelCard
 from tokenization.prompt_encoder import PromptEncoder
 
@@ -57,16 +58,53 @@ class ServedModel:
         )
 
 
+class Admission:
+    """The bound on requests in flight (running + waiting, API.md's 429).
+
+    A slot is taken in the same event-loop step as the check, before any await, so a burst of
+    requests cannot all pass the check before the first of them reaches the engine. It is held
+    until the response, streamed or not, has been sent.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.in_flight >= self.limit:
+            raise Overloaded(f"Too many requests in flight ({self.limit}); retry shortly")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
 @dataclass
 class AppState:
-    model: ServedModel
     engine: EngineClient
-    max_active_requests: int = 1 << 30  # running + waiting; beyond it, 429
+    admission: Admission = field(default_factory=lambda: Admission(1 << 30))
+    # None until the engine is ready: the context length comes from the KV pool it sized.
+    model: ServedModel | None = None
     shutting_down: bool = False
     stop_server: Callable[[], None] = lambda: None  # set by the CLI: ends the process (engine died)
 
+    @property
+    def is_ready(self) -> bool:
+        return self.model is not None and self.engine.is_ready
+
+    def served(self) -> ServedModel:
+        """The served model; 503 `not_ready` while it loads, `engine_dead` once the engine died."""
+        if getattr(self.engine, "dead_error", None) is not None:
+            raise engine_dead()
+        if self.model is None or not self.engine.is_ready:
+            raise not_ready()
+        return self.model
+
     def resolve(self, name: str) -> ServedModel:
         """The served model for a name or alias; 404 `model_not_found` otherwise."""
-        if name == self.model.name or name in self.model.aliases:
-            return self.model
+        model = self.served()
+        if name == model.name or name in model.aliases:
+            return model
         raise NotFound(f"The model `{name[:100]}` does not exist", param="model", code="model_not_found")

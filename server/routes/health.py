@@ -27,6 +27,6 @@ async def ready(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
     """200 once weights are loaded and a warm-up forward succeeded; 503 before, and when draining."""
     if state.shutting_down:
         return JSONResponse({"status": "shutting_down"}, 503)
-    if not state.engine.is_ready:
+    if state.model is None or not state.is_ready:
         return JSONResponse({"status": "loading"}, 503)
     return JSONResponse({"status": "ready", "model": state.model.name})

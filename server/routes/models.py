@@ -6,16 +6,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from server.deps import get_state
+from server.deps import get_state, served_model
 from server.protocol import ModelCard, ModelList
-from server.state import AppState
+from server.state import AppState, ServedModel
 
 router = APIRouter()
 
 
 @router.get("/v1/models")
-async def list_models(state: Annotated[AppState, Depends(get_state)]) -> ModelList:
-    model = state.model
+async def list_models(model: Annotated[ServedModel, Depends(served_model)]) -> ModelList:
     cards = [model.card()] + [model.card().model_copy(update={"id": alias}) for alias in model.aliases]
     return ModelList(data=cards)
 

@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def served_model(state: AppState, name: str | None) -> ServedModel:
-    """The named model (404 if unknown), or the served one when no name is given."""
-    return state.model if name is None else state.resolve(name)
+def model_named(state: AppState, name: str | None) -> ServedModel:
+    """The named model (404 if unknown), or the served one when no name is given (503 while loading)."""
+    return state.served() if name is None else state.resolve(name)
 
 
 def check_token_ids(ids: Sequence[int], model: ServedModel, param: str = "tokens") -> None:
@@ -43,7 +43,7 @@ async def tokenize(req: TokenizeRequest, state: Annotated[AppState, Depends(get_
     """Text (`prompt`) or a chat (`messages`, with `safe_prompt`) -> the prompt ids the API would use."""
     if unknown := req.unknown_fields():
         logger.info("ignored unknown fields: %s", ", ".join(unknown[:20]))
-    model = served_model(state, req.model)
+    model = model_named(state, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise BadRequest("give exactly one of `prompt` and `messages`", param="prompt")
     if req.messages is not None:
@@ -59,6 +59,6 @@ async def tokenize(req: TokenizeRequest, state: Annotated[AppState, Depends(get_
 @router.post("/detokenize")
 async def detokenize(req: DetokenizeRequest, state: Annotated[AppState, Depends(get_state)]) -> dict:
     """Token ids -> text (special tokens dropped, as in generated text)."""
-    model = served_model(state, req.model)
+    model = model_named(state, req.model)
     check_token_ids(req.tokens, model)
     return {"prompt": await asyncio.to_thread(model.encoder.decode, list(req.tokens))}

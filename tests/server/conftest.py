@@ -38,18 +38,38 @@ def free_port() -> int:
 
 
 def start_server(
-    model_dir: Path, log: Path, *extra: str, api_key: bool = True, timeout: float = 90, module: str = "server"
+    model_dir: Path,
+    log: Path,
+    *extra: str,
+    api_key: bool = True,
+    timeout: float = 90,
+    module: str = "server",
+    env: dict[str, str] | None = None,
+    until: str = "/ready",
 ) -> RunningServer:
-    """`python -m server` (or another entry point, `module`) serving `model_dir`, once it is ready."""
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", module, "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--served-model-name", MODEL, *ALIASES, "--max-model-len", "512",
-        "--kv-cache-memory-gb", "0.05", "--max-num-seqs", "16", *extra,
+    """`python -m server` (or another entry point, `module`) serving `model_dir` on 127.0.0.1, once
+    `until` answers 200 (`/health`: as soon as it listens; `/ready`: once it serves)."""
+    args = [
+        "--model", str(model_dir), "--dtype", "float32", "--served-model-name", MODEL, *ALIASES,
+        "--max-model-len", "512", "--kv-cache-memory-gb", "0.05", "--max-num-seqs", "16", *extra,
     ]  # fmt: skip
     if api_key:
-        cmd += ["--api-key", API_KEY]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        args += ["--api-key", API_KEY]
+    return launch(args, log, timeout=timeout, module=module, env=env, until=until)
+
+
+def launch(
+    args: list[str],
+    log: Path,
+    timeout: float = 90,
+    module: str = "server",
+    env: dict[str, str] | None = None,
+    until: str = "/ready",
+) -> RunningServer:
+    """`python -m <module> <args>` on a free port of 127.0.0.1, once `until` answers 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     server = RunningServer(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + timeout
@@ -57,7 +77,7 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{server.url}/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{server.url}{until}", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

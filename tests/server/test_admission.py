@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from engine.outputs import QueueTimeoutError
 from server.app import create_app
 from server.settings import ServerSettings
-from server.state import AppState, ServedModel
+from server.state import Admission, AppState, ServedModel
 from tokenization import load_prompt_encoder
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -30,15 +30,17 @@ class FakeEngine:
 
 def app_with(engine: FakeEngine, hf_dir, limit: int) -> tuple[TestClient, AppState]:
     model = ServedModel("m", (), load_prompt_encoder(hf_dir), 512, 0.7, "test model")
-    state = AppState(model=model, engine=engine, max_active_requests=limit)
+    state = AppState(engine=engine, admission=Admission(limit), model=model)
     return TestClient(create_app(state, ServerSettings())), state
 
 
 def test_overload_is_429_with_retry_after(hf_dir):
-    client, _ = app_with(FakeEngine(num_active_requests=3), hf_dir, limit=3)
-    r = client.post("/v1/chat/completions", json=BODY)
+    client, state = app_with(FakeEngine(), hf_dir, limit=2)
+    with state.admission.slot(), state.admission.slot():  # two requests in flight
+        r = client.post("/v1/chat/completions", json=BODY)
     assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded"
     assert int(r.headers["retry-after"]) >= 1
+    assert state.admission.in_flight == 0  # a refused request holds no slot
 
 
 def test_not_ready_then_draining(hf_dir):
@@ -46,6 +48,10 @@ def test_not_ready_then_draining(hf_dir):
     client, state = app_with(engine, hf_dir, limit=10)
     assert client.get("/health").status_code == 200
     assert client.get("/ready").status_code == 503
+    for path, body in (("/v1/chat/completions", BODY), ("/v1/completions", {"model": "m", "prompt": "a"})):
+        r = client.post(path, json=body)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready", r.text
+        assert "retry-after" in r.headers
     engine.is_ready = True
     assert client.get("/ready").status_code == 200
     state.shutting_down = True

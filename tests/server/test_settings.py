@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from server.cli import parse_args
-from server.settings import load_settings
+from server.settings import ServerSettings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_bind_loopback():
@@ -47,3 +53,35 @@ def test_list_settings_from_the_environment(monkeypatch):
     assert s.api_keys == ["k1", "k2"] and s.served_model_name == ["mixtral", "open-mixtral-8x7b"]
     monkeypatch.setenv("MIXTRAL_API_KEY", "")  # compose passes an empty value when no key is set
     assert load_settings({}).api_keys == []
+
+
+def help_text() -> tuple[str, bool]:
+    """`mixtral-server --help` as a new process prints it, and whether torch got imported."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from server.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "print(out.getvalue())\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    text, _, torch_loaded = done.stdout.rstrip().rpartition("\n")
+    return text, torch_loaded == "True"
+
+
+def test_help_shows_every_default_and_the_demos_without_loading_torch():
+    text, torch_loaded = help_text()
+    assert not torch_loaded  # parsing comes first: --help answers at once
+    flat = " ".join(text.split())  # argparse wraps lines
+    for name in ("demo", "demo-moe"):  # textwrap may break a line after a hyphen
+        assert f"{name}:SmolLM2-135M-Instruct" in "".join(text.split()), name
+    defaults = ServerSettings()
+    for name in ("port", "host", "max_num_seqs", "kv_cache_memory_gb", "quantization", "block_size"):
+        flag = "--" + name.replace("_", "-")
+        after = flat.split(f" {flag} ", 1)[1]
+        assert after.split(" --", 1)[0].rstrip().endswith(f"(default: {getattr(defaults, name)})"), flag
+    for name in ServerSettings.model_fields:  # every setting is in the help, with a flag or not
+        assert f"--{name.replace('_', '-')}" in flat or f"{name} (default: " in flat, name
+    assert "(default: demo)" in flat
