@@ -6,9 +6,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from server.errors import install_error_handlers
-from server.middleware import ApiKeyAuth, BodyLimit, JsonContentType, RequestContext
+from server.middleware import ApiKeyAuth, BodyLimit, JsonContentType, RequestContext, ServerErrors
 from server.routes import chat, completions, health, metrics, models, tokenize
-from server.settings import ServerSettings
+from server.settings import DISCARD_FACTOR, ServerSettings
 from server.state import AppState
 
 
@@ -18,13 +18,15 @@ def create_app(state: AppState, settings: ServerSettings) -> FastAPI:
     for module in (chat, completions, models, tokenize, health, metrics):
         app.include_router(module.router)
     install_error_handlers(app)
-    # Outermost last: the request id wraps everything, so even a 401 or 413 carries one.
+    # Outermost last: the request id wraps everything, so even a 401, 413 or 500 carries one.
+    discard = DISCARD_FACTOR * settings.max_body_bytes
     app.add_middleware(JsonContentType)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, discard_bytes=discard)
+    app.add_middleware(ApiKeyAuth, keys=settings.api_keys, discard_bytes=discard)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_headers=["*"], allow_methods=["*"]
         )
+    app.add_middleware(ServerErrors)
     app.add_middleware(RequestContext)
     return app

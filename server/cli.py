@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from server.settings import DEFAULT_MODEL, DEMO_MODELS, ServerSettings, load_settings
+from server.settings import DEFAULT_MODEL, DEMO_MODELS, READY_LINE, ServerSettings, load_settings
 
 # Defaults that are None in ServerSettings, spelled as what they mean.
 _DERIVED_DEFAULTS = {
@@ -75,7 +75,7 @@ def _epilog(flagged: list[str]) -> str:
             "Settings without a flag (YAML keys or MIXTRAL_ variables):",
             *rest,
             "",
-            "Requests get 503 not_ready until the server logs 'mixtral-server is ready at ...'.",
+            f"Requests get 503 not_ready until the server logs '{READY_LINE} ...'.",
         ]
     )
 

@@ -19,7 +19,7 @@ async def get_state(request: Request) -> AppState:
     return request.app.state.mixtral
 
 
-async def served_model(request: Request) -> ServedModel:
+async def ready_model(request: Request) -> ServedModel:
     """The served model, for routes that need it: 503 `not_ready` while it loads."""
     state: AppState = request.app.state.mixtral
     return state.served()

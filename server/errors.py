@@ -30,6 +30,7 @@ from tokenization.errors import InvalidConversationError
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 500
+MAX_PARAM_CHARS = 200
 # Fields whose wrong type is a bad value (400, RELIABILITY.md item 8) rather than a bad shape (422).
 SCALAR_PARAMS = frozenset(
     {
@@ -109,6 +110,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
         message = message[: MAX_MESSAGE_CHARS - 3] + "..."
     # A message that quotes a bad field could hold a lone surrogate, which UTF-8 cannot encode.
     message = message.encode("utf-8", "replace").decode("utf-8")
+    if param is not None and len(param) > MAX_PARAM_CHARS:  # a path through a huge key
+        param = param[: MAX_PARAM_CHARS - 3] + "..."
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 

@@ -21,14 +21,13 @@ from engine.async_engine import AsyncEngine
 from engine.factory import EngineInfo, EngineSpec, build_engine
 from server.app import create_app
 from server.metrics import MeteredEngine, Metrics
-from server.settings import DEFAULT_MODEL, DEMO_MODELS, ServerSettings
+from server.settings import DEFAULT_MODEL, DEMO_MODELS, READY_LINE, ServerSettings
 from server.state import Admission, AppState, ServedModel
 from tokenization import load_prompt_encoder
 from tokenization.prompt_encoder import PromptEncoder
 
 logger = logging.getLogger("mixtral_server")
 _GIB = 1024**3
-READY_LINE = "mixtral-server is ready at"  # printed once, when /ready turns 200
 
 
 def resolve_model(settings: ServerSettings) -> tuple[Path, str | None]:
@@ -106,10 +105,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def build_app(settings: ServerSettings):
-    model_dir, description = resolve_model(settings)
-    encoder = load_prompt_encoder(model_dir)  # before the weights: a missing tokenizer fails fast
-    spec = EngineSpec(
+def engine_spec(settings: ServerSettings, model_dir: Path) -> EngineSpec:
+    """The part of the settings that builds the engine."""
+    return EngineSpec(
         model_dir=model_dir,
         dtype=settings.dtype,
         device=settings.device,
@@ -125,6 +123,12 @@ def build_app(settings: ServerSettings):
         enable_prefix_caching=settings.enable_prefix_caching,
         seed=settings.seed,
     )
+
+
+def build_app(settings: ServerSettings):
+    model_dir, description = resolve_model(settings)
+    encoder = load_prompt_encoder(model_dir)  # before the weights: a missing tokenizer fails fast
+    spec = engine_spec(settings, model_dir)
     info: dict[str, EngineInfo] = {}
 
     def build():
@@ -181,13 +185,10 @@ def announce(model: ServedModel, settings: ServerSettings, info: EngineInfo) -> 
         info.load_seconds,
     )  # fmt: skip
     ids = ", ".join([model.name, *model.aliases])
-    logger.info(
-        "%s %s (OpenAI base URL %s/v1), model ids: %s",
-        READY_LINE,
-        base_url(settings),
-        base_url(settings),
-        ids,
-    )
+    url = base_url(settings)
+    # At the configured level or INFO, whichever is higher: `--log-level warning` still shows it.
+    level = max(logging.INFO, logger.getEffectiveLevel())
+    logger.log(level, "%s %s (OpenAI base URL %s/v1), model ids: %s", READY_LINE, url, url, ids)
 
 
 def serve(settings: ServerSettings) -> None:
@@ -202,5 +203,5 @@ def serve(settings: ServerSettings) -> None:
     server = DrainingServer(config, state, settings.drain_timeout_s)
     state.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()
-    if getattr(state.engine, "dead_error", None) is not None:
+    if state.engine.dead_error is not None:
         sys.exit(3)

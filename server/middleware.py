@@ -21,8 +21,6 @@ logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 _REQUEST_ID_MAX = 128
-# A refused body is read and dropped up to this many times the limit, so the client sees the 413.
-DISCARD_FACTOR = 4
 
 
 async def _send_json(
@@ -41,6 +39,40 @@ async def _send_json(
         }
     )
     await send({"type": "http.response.body", "body": raw})
+
+
+async def drop_body(scope: Scope, receive: Receive, bound: int) -> bool:
+    """Read and drop a refused request's body, up to `bound` bytes, before answering it.
+
+    httpx (so both SDKs) writes the whole body before it reads a response. Were the server to
+    answer with the body unread, uvicorn would go on reading and dropping it after the answer
+    with no bound; were it to close instead, the client would see a reset, not the answer.
+    False when the connection must close after the answer: the body is declared or found longer
+    than `bound`, or the client waits for "100 Continue" and would send it only if asked.
+    """
+    headers = dict(scope["headers"])
+    length = headers.get(b"content-length")
+    if headers.get(b"expect", b"").lower() == b"100-continue":
+        return False
+    if length is not None and length.isdigit() and int(length) > bound:
+        return False
+    return await drop_rest(receive, bound, 0)
+
+
+async def drop_rest(receive: Receive, bound: int, seen: int) -> bool:
+    """Read and drop the rest of a body of which `seen` bytes were read; True if it ended within `bound`."""
+    while seen <= bound:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False  # the client left
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return seen <= bound
+    return False
+
+
+def _closing(close: bool) -> list[tuple[bytes, bytes]]:
+    return [(b"connection", b"close")] if close else []
 
 
 class RequestContext:
@@ -130,9 +162,10 @@ class ApiKeyAuth:
     exactly, needs one.
     """
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: Sequence[str], discard_bytes: int) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.discard_bytes = discard_bytes  # of a refused body, read and dropped (see drop_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
@@ -142,37 +175,30 @@ class ApiKeyAuth:
         ok = scheme.lower() == b"bearer" and any(hmac.compare_digest(token.strip(), k) for k in self.keys)
         if not ok:
             body = error_body("Invalid or missing API key", "authentication_error", None, "invalid_api_key")
-            return await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+            close = not await drop_body(scope, receive, self.discard_bytes)
+            return await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer"), *_closing(close)])
         await self.app(scope, receive, send)
 
 
 class BodyLimit:
-    """413 for bodies over `max_bytes`, answered so that the client can read it.
+    """413 for bodies over `max_bytes`, answered so that the client can read it (see drop_body).
 
-    httpx (so both SDKs) writes the whole body before it reads a response. Were the server to
-    answer and close with the body half read, the client would see a reset, not the 413. So the
-    rest of a refused body is read and dropped up to `DISCARD_FACTOR` times the limit, and the
-    connection stays open; a body declared or found longer than that is answered at once with
-    `Connection: close`. Every accepted body is buffered up to the limit (a Content-Length header
-    alone is no bound) before the app sees it, then replayed.
+    A refused body is read and dropped up to `discard_bytes`, so the connection stays open; a
+    longer one is answered at once with `Connection: close`. Every accepted body is buffered up
+    to the limit (a Content-Length header alone is no bound) before the app sees it, then replayed.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, discard_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.discard_bytes = DISCARD_FACTOR * max_bytes
+        self.discard_bytes = discard_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
+        length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            # A client that waits for "100 Continue" sends nothing more unless asked: answer now.
-            expects = headers.get(b"expect", b"").lower() == b"100-continue"
-            if expects or int(length) > self.discard_bytes:
-                return await self._refuse(send, close=True)
-            return await self._refuse(send, close=not await self._discard(receive, 0))
+            return await self._refuse(send, close=not await drop_body(scope, receive, self.discard_bytes))
         # Count what arrives even under a small Content-Length: sent next to
         # `Transfer-Encoding: chunked`, the server reads the chunked body, however long.
         buffered: list[Message] = []
@@ -184,7 +210,8 @@ class BodyLimit:
                 break
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                ended = not message.get("more_body", False) or await self._discard(receive, seen)
+                more = message.get("more_body", False)
+                ended = not more or await drop_rest(receive, self.discard_bytes, seen)
                 return await self._refuse(send, close=not ended)
             if not message.get("more_body", False):
                 break
@@ -194,22 +221,11 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _discard(self, receive: Receive, seen: int) -> bool:
-        """Read and drop the body up to `discard_bytes`; True if it ended within them."""
-        while seen <= self.discard_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return False  # the client left
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return seen <= self.discard_bytes
-        return False
-
     async def _refuse(self, send: Send, close: bool) -> None:
         body = error_body(
             f"Request body larger than {self.max_bytes} bytes", "invalid_request_error", None, "too_large"
         )
-        await _send_json(send, 413, body, [(b"connection", b"close")] if close else [])
+        await _send_json(send, 413, body, _closing(close))
 
 
 class JsonContentType:

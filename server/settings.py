@@ -21,6 +21,11 @@ DEMO_MODELS = {
     "demo-moe": ("moe", "SmolLM2-135M-Instruct upcycled to 8 experts, top-2: the MoE path, not Mixtral"),
 }
 DEFAULT_MODEL = "demo"
+# A body refused (413, 401) is read and dropped up to this many times `max_body_bytes`, so that a
+# client writing it whole before reading sees the answer; beyond it the connection closes.
+DISCARD_FACTOR = 4
+# Logged once, when /ready turns 200 (whatever the log level), and named in --help and the README.
+READY_LINE = "mixtral-server is ready at"
 
 
 def _split(value: Any) -> Any:

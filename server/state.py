@@ -34,6 +34,9 @@ class EngineClient(Protocol):
     @property
     def num_active_requests(self) -> int: ...
 
+    # Why the engine loop stopped, once it has (then every request is 503 and the process exits).
+    dead_error: Exception | None
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -96,7 +99,7 @@ class AppState:
 
     def served(self) -> ServedModel:
         """The served model; 503 `not_ready` while it loads, `engine_dead` once the engine died."""
-        if getattr(self.engine, "dead_error", None) is not None:
+        if self.engine.dead_error is not None:
             raise engine_dead()
         if self.model is None or not self.engine.is_ready:
             raise not_ready()

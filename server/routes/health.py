@@ -16,7 +16,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
     """200 while the process runs and the engine loop is alive (or still loading)."""
-    dead = getattr(state.engine, "dead_error", None)
+    dead = state.engine.dead_error
     if dead is not None:
         return JSONResponse({"status": "dead", "error": str(dead)[:200]}, 503)
     return JSONResponse({"status": "ok"})

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from server.deps import get_state, served_model
+from server.deps import get_state, ready_model
 from server.protocol import ModelCard, ModelList
 from server.state import AppState, ServedModel
 
@@ -14,7 +14,7 @@ router = APIRouter()
 
 
 @router.get("/v1/models")
-async def list_models(model: Annotated[ServedModel, Depends(served_model)]) -> ModelList:
+async def list_models(model: Annotated[ServedModel, Depends(ready_model)]) -> ModelList:
     cards = [model.card()] + [model.card().model_copy(update={"id": alias}) for alias in model.aliases]
     return ModelList(data=cards)
 

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from server.settings import DISCARD_FACTOR
 from tests.server.conftest import API_KEY, MODEL
 from tests.server.test_bad_input import check_error
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MB = 1024 * 1024
 LIMIT = 2 * MB  # the server's default max_body_bytes
-DISCARD_BOUND = 4 * LIMIT  # server.middleware.DISCARD_FACTOR times the limit
+DISCARD_BOUND = DISCARD_FACTOR * LIMIT
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
 USER = {"role": "user", "content": "a"}
 
@@ -297,3 +298,36 @@ def test_beyond_the_discard_bound_the_server_stops_reading(server, chunked):
     assert sent < DISCARD_BOUND + 16 * MB, f"the server read {sent / MB:.0f} MB of a refused body"
     if answer:
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_a_client_waiting_for_100_continue_gets_the_413_at_once(server):
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {3 * LIMIT}\r\nExpect: 100-continue\r\n\r\n"
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head.encode())  # and no body: it waits to be asked for one
+        answer = b""
+        while part := s.recv(65536):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer, answer[:300]
+    assert b"connection: close" in answer.lower()
+
+
+def test_a_refused_key_reads_the_body_within_the_bound_only(server):
+    """A 401 drops the body as a 413 does: read within the bound (the connection stays open),
+    not read beyond it (the connection closes)."""
+    connections = Connections()
+    with one_connection_client(server) as client:
+        r = send(
+            client, connections, {"json": GOOD | {"pad": "x" * LIMIT}, "headers": {"Authorization": ""}}, "k"
+        )
+        check_error(r, 401)
+        assert send(client, connections, {"json": GOOD}, "after").status_code == 200
+    assert connections.opened == 1
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += "Transfer-Encoding: chunked\r\n\r\n"
+    piece = b"x" * (256 * 1024)
+    sent, answer = bytes_accepted(server, head, b"%x\r\n%s\r\n" % (len(piece), piece))
+    assert sent < DISCARD_BOUND + 16 * MB, f"the server read {sent / MB:.0f} MB of an unauthorized body"
+    if answer:
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
