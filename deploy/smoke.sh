@@ -72,5 +72,5 @@ reply=$(curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H "Content-Type:
     -d '{"model": "demo", "temperature": 0, "max_tokens": 24,
          "messages": [{"role": "user", "content": "What is the capital of France?"}]}')
 echo "$reply"
-podman logs "$NAME" 2>&1 | grep -m1 "serving " || true
+podman logs "$NAME" 2>&1 | grep -m1 "mixtral-server is ready at" || true
 if echo "$reply" | grep -q 'Paris'; then log "PASS"; else log "FAIL: no Paris in the reply"; exit 1; fi
