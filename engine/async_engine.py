@@ -22,8 +22,9 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from engine.errors import EngineDeadError, EngineNotReadyError, QueueTimeoutError
 from engine.llm_engine import Engine
-from engine.outputs import EngineDeadError, QueueTimeoutError, RequestOutput
+from engine.outputs import EngineStats, RequestOutput
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 
@@ -43,23 +44,6 @@ class _Add:
 @dataclass(frozen=True, slots=True)
 class _Abort:
     request_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # fraction of KV blocks in use
-    num_preemptions: int
-    num_steps: int
-    num_retried_steps: int = 0  # steps whose forward failed and was retried one request at a time
-    max_batch: int = 0  # most sequences per step now (max_num_seqs unless lowered after faults)
-    batch_size_buckets: tuple[tuple[str, int], ...] = ()  # cumulative (upper bound, steps)
-    batch_size_sum: int = 0
-
-
-class EngineNotReadyError(RuntimeError):
-    """The engine is still loading weights or warming up."""
 
 
 class AsyncEngine:

@@ -20,7 +20,8 @@ from typing import Protocol
 import torch
 
 from engine.config import EngineConfig
-from engine.outputs import ErrorCode, Logprob, RequestOutput, RequestRejected, StepHistogram, TopLogprob
+from engine.errors import ErrorCode, RequestRejected
+from engine.outputs import Logprob, RequestOutput, StepHistogram, TopLogprob
 from engine.request import FinishReason, Request
 from engine.runner import ModelRunner, RunnerOutput
 from engine.sampler import TokenLogprob

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Literal
 
+from engine.errors import ErrorCode
 from engine.request import FinishReason
-
-# Why a request failed: its forward or post-processing raised; it kept running out of device
-# memory (worth retrying later); it waited too long for a slot and was never started.
-ErrorCode = Literal["internal_error", "out_of_memory", "queue_timeout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,33 +71,16 @@ class StepHistogram:
         return out
 
 
-class EngineError(RuntimeError):
-    """Base of the engine's typed errors."""
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's state, for metrics."""
 
-
-class RequestRejected(EngineError, ValueError):
-    """A request the engine can never serve (too long for the context or the KV pool)."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class EngineDeadError(EngineError):
-    """The engine loop stopped; no request can be served until the process restarts."""
-
-
-class QueueTimeoutError(EngineError):
-    """The request waited longer than the configured bound and was dropped before any work."""
-
-    def __init__(self, message: str, waited: float | None = None) -> None:
-        super().__init__(message)
-        self.waited = waited  # seconds it spent in the queue
-
-
-class RequestFailedError(EngineError):
-    """Serving one request failed (the engine goes on serving the others)."""
-
-    def __init__(self, message: str, code: ErrorCode) -> None:
-        super().__init__(message)
-        self.code = code
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    num_preemptions: int
+    num_steps: int
+    num_retried_steps: int = 0  # steps whose forward failed and was retried one request at a time
+    max_batch: int = 0  # most sequences per step now (max_num_seqs unless lowered after faults)
+    batch_size_buckets: tuple[tuple[str, int], ...] = ()  # cumulative (upper bound, steps)
+    batch_size_sum: int = 0

@@ -16,9 +16,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import EngineNotReadyError
-from engine.outputs import (
+from engine.errors import (
     EngineDeadError,
+    EngineNotReadyError,
     QueueTimeoutError,
     RequestFailedError,
     RequestRejected,

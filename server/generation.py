@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from engine.outputs import Logprob, RequestFailedError, RequestOutput
+from engine.errors import RequestFailedError
+from engine.outputs import Logprob, RequestOutput
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
+from server.engine_client import EngineClient
 from server.errors import APIError
-from server.state import EngineClient
 
 _DISCONNECT_POLL_S = 0.25
 

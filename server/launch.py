@@ -136,9 +136,10 @@ def build_app(settings: ServerSettings):
         return engine
 
     engine = AsyncEngine(build)
-    metered = MeteredEngine(engine, Metrics(engine))  # every request is measured here
+    metrics = Metrics(engine.stats)
     admission = Admission(settings.max_num_seqs + settings.max_waiting_requests)
-    state = AppState(engine=metered, admission=admission)
+    # Every request is measured on its way through MeteredEngine.
+    state = AppState(engine=MeteredEngine(engine, metrics), admission=admission, metrics=metrics)
     app = create_app(state, settings)
 
     async def ready() -> None:

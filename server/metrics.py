@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.outputs import QueueTimeoutError, RequestOutput, RequestRejected
+from engine.errors import EngineDeadError, QueueTimeoutError, RequestRejected
+from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from server.engine_client import EngineClient
 
 PREFIX = "mixtral:"
 # the only values of `finished_reason`
@@ -62,14 +64,11 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 class _EngineCollector(Collector):
     """Gauges and counters the engine keeps itself, read when scraped."""
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        stats_of = getattr(self.engine, "stats", None)
-        if stats_of is None:  # a fake engine in tests
-            return
-        stats = stats_of()
+        stats = self.stats()
         yield GaugeMetricFamily(
             PREFIX + "num_requests_running", "Sequences in the running batch", stats.num_running
         )
@@ -114,7 +113,8 @@ class _EventLoopCollector(Collector):
 class Metrics:
     """The metric objects of one app, in a registry of their own."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        """`stats`: the engine's snapshot, read at each scrape."""
         self.registry = r = CollectorRegistry()
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=r)
@@ -147,7 +147,7 @@ class Metrics:
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens per finished request (all choices)", TOKEN_BUCKETS
         )
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(stats))
         r.register(_EventLoopCollector())
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, ... (Linux)
 
@@ -162,14 +162,12 @@ def _reason(out: RequestOutput) -> str:
 
 
 class MeteredEngine:
-    """The engine client, measured: same interface, every output recorded on its way through."""
+    """An engine client, measured: the same interface (`server.engine_client.EngineClient`), every output
+    recorded on its way through."""
 
-    def __init__(self, engine, metrics: Metrics) -> None:
+    def __init__(self, engine: EngineClient, metrics: Metrics) -> None:
         self._engine = engine
         self.metrics = metrics
-
-    def __getattr__(self, name: str):
-        return getattr(self._engine, name)
 
     @property
     def is_ready(self) -> bool:
@@ -180,8 +178,18 @@ class MeteredEngine:
         return self._engine.is_healthy
 
     @property
+    def dead_error(self) -> EngineDeadError | None:
+        return self._engine.dead_error
+
+    @property
     def num_active_requests(self) -> int:
         return self._engine.num_active_requests
+
+    def abort(self, request_id: str) -> None:
+        self._engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._engine.stats()
 
     async def generate(
         self,

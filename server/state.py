@@ -6,36 +6,12 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from engine.sampling_params import SamplingParams
+from server.engine_client import EngineClient
 from server.errors import NotFound, Overloaded, engine_dead, not_ready
+from server.metrics import Metrics
 from server.protocol import ModelCapabilities, ModelCard
 from tokenization.prompt_encoder import PromptEncoder
-
-
-class EngineClient(Protocol):
-    """The part of `engine.async_engine.AsyncEngine` the server uses (tests may pass a fake)."""
-
-    @property
-    def is_healthy(self) -> bool: ...
-
-    @property
-    def is_ready(self) -> bool: ...
-
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, context_ids: list[int] = ...
-    ):
-        """An async iterator of `RequestOutput`."""
-        ...
-
-    def abort(self, request_id: str) -> None: ...
-
-    @property
-    def num_active_requests(self) -> int: ...
-
-    # Why the engine loop stopped, once it has (then every request is 503 and the process exits).
-    dead_error: Exception | None
 
 
 @dataclass(frozen=True)
@@ -91,6 +67,7 @@ class AppState:
     # None until the engine is ready: the context length comes from the KV pool it sized.
     model: ServedModel | None = None
     shutting_down: bool = False
+    metrics: Metrics | None = None  # /metrics serves its registry; None: no metrics
     stop_server: Callable[[], None] = lambda: None  # set by the CLI: ends the process (engine died)
 
     @property

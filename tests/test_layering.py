@@ -32,3 +32,9 @@ def test_tokenization_imports_no_torch_or_upper_layers():
 def test_tokenization_import_pulls_in_no_torch():
     code = "import sys, tokenization; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_the_server_app_and_tokenization_load_no_torch():
+    """The HTTP face is torch-free: the engine (and torch) is injected by the CLI."""
+    code = "import sys, server.app, tokenization; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

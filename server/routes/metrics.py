@@ -17,7 +17,6 @@ router = APIRouter()
 
 @router.get("/metrics")
 async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
-    recorder = getattr(state.engine, "metrics", None)
-    if recorder is None:
+    if state.metrics is None:
         raise NotFound("metrics are not enabled")
-    return Response(generate_latest(recorder.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from engine.async_engine import AsyncEngine
-from engine.outputs import EngineDeadError, QueueTimeoutError, RequestRejected
+from engine.errors import EngineDeadError, QueueTimeoutError, RequestRejected
 from tests.engine.helpers import greedy, make_engine, tokens
 
 PROMPT = [1, *range(100, 120)]

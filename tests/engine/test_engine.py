@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine import llm_engine
+from engine.errors import RequestRejected
 from engine.llm_engine import MAX_OOM_RETRIES
-from engine.outputs import RequestRejected
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from tests.engine.helpers import EOS, greedy, make_engine, run, text, tokens

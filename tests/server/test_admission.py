@@ -11,7 +11,8 @@ import httpx
 import uvicorn
 from fastapi.testclient import TestClient
 
-from engine.outputs import QueueTimeoutError, RequestOutput
+from engine.errors import QueueTimeoutError
+from engine.outputs import EngineStats, RequestOutput
 from engine.request import FinishReason
 from server.app import create_app
 from server.settings import ServerSettings
@@ -34,6 +35,9 @@ class FakeEngine:
 
     def abort(self, request_id: str) -> None:
         pass
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0.0, 0, 0)
 
 
 def app_with(engine: FakeEngine, hf_dir, limit: int) -> tuple[TestClient, AppState]:

@@ -1,0 +1,45 @@
+"""The engine's typed errors: what callers (the server) map to responses. Plain Python, no torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+# Why a request failed: its forward or post-processing raised; it kept running out of device
+# memory (worth retrying later); it waited too long for a slot and was never started.
+ErrorCode = Literal["internal_error", "out_of_memory", "queue_timeout"]
+
+
+class EngineError(RuntimeError):
+    """Base of the engine's typed errors."""
+
+
+class RequestRejected(EngineError, ValueError):
+    """A request the engine can never serve (too long for the context or the KV pool)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EngineDeadError(EngineError):
+    """The engine loop stopped; no request can be served until the process restarts."""
+
+
+class QueueTimeoutError(EngineError):
+    """The request waited longer than the configured bound and was dropped before any work."""
+
+    def __init__(self, message: str, waited: float | None = None) -> None:
+        super().__init__(message)
+        self.waited = waited  # seconds it spent in the queue
+
+
+class RequestFailedError(EngineError):
+    """Serving one request failed (the engine goes on serving the others)."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EngineNotReadyError(EngineError):
+    """The engine is still loading weights or warming up."""
