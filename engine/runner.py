@@ -20,7 +20,7 @@ from engine.sampler import Sampler, SamplingRow, TokenLogprob, make_generator, p
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from model.batch import BatchBuilder, SequenceChunk
 from model.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from model.mixtral import MixtralModel, allocate_kv_cache, kv_cache_bytes_per_token
+from model.mixtral import MixtralModel, allocate_kv_cache
 from model.ops import select_kernels
 
 
@@ -29,11 +29,6 @@ class RunnerOutput:
     sampled: dict[str, int]  # request id -> token
     logprobs: dict[str, TokenLogprob]  # for requests that asked for them
     prompt_logprobs: dict[str, list[TokenLogprob]]  # request id -> entries for this chunk's targets
-
-
-def kv_blocks_for_budget(model: MixtralModel, dtype: torch.dtype, budget_bytes: int, block_size: int) -> int:
-    """How many KV blocks of `block_size` tokens fit in `budget_bytes`."""
-    return budget_bytes // (kv_cache_bytes_per_token(model.config, dtype) * block_size)
 
 
 class ModelRunner:

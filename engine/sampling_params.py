@@ -43,7 +43,6 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None  # same, for every prompt token after the first
-    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1, MAX_N)

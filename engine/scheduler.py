@@ -198,7 +198,3 @@ class Scheduler:
         self.blocks.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-
-    def finish_all(self, requests: Iterable[Request], reason: FinishReason) -> None:
-        for request in list(requests):
-            self.finish(request, reason)

@@ -75,10 +75,6 @@ class ModelConfig:
         if self.moe is not None and not 0 < self.moe.top_k <= self.moe.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.moe.top_k} with {self.moe.num_experts} experts")
 
-    @property
-    def is_moe(self) -> bool:
-        return self.moe is not None
-
     def num_expert_parameters(self) -> int:
         """Parameters of the FFN experts (all of them; the dense FFN of a dense model)."""
         experts = self.moe.num_experts if self.moe else 1

@@ -57,15 +57,6 @@ class BadRequest(APIError):
     pass
 
 
-class Unauthorized(APIError):
-    status = 401
-    type = "authentication_error"
-
-    def __init__(self, message: str = "Invalid or missing API key") -> None:
-        super().__init__(message, code="invalid_api_key")
-        self.headers = {"WWW-Authenticate": "Bearer"}
-
-
 class NotFound(APIError):
     status = 404
     type = "not_found_error"

@@ -9,7 +9,6 @@ their type (a string is not a number) but range checks happen when the request b
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
@@ -146,10 +145,6 @@ class DetokenizeRequest(APIRequest):
 
 
 # ---- responses -------------------------------------------------------------------------------
-
-
-def completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
 
 
 def now() -> int:
