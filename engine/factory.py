@@ -1,4 +1,10 @@
-"""Building a ready engine from serving settings: load, size the KV pool, warm up."""
+"""Building a ready engine from its settings: check it fits, load, size the KV pool, warm up.
+
+The KV pool is `kv_cache_memory_gb` when that is set. Otherwise, on a GPU, it is what
+`gpu_memory_utilization` of the device's total memory leaves once the weights are loaded and a
+forward of the largest step the scheduler may build has run (vLLM's rule), read from a
+`MemoryProbe` of that device; on a CPU it is `CPU_KV_CACHE_GB`.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +15,20 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import CPU_KV_CACHE_GB, EngineArgs, EngineConfig, context_length
 from engine.llm_engine import Engine
-from engine.memory import check_fits, device_memory_bytes, plan_memory
+from engine.memory import CudaMemory, MemoryProbe, check_fits, device_memory_bytes, kv_pool_bytes, plan_memory
 from engine.sampling_params import SamplingParams
+from model.batch import BatchBuilder, SequenceChunk
 from model.config import load_config, normalize_dtype_name
 from model.loader import ProgressFn, load_model
-from model.mixtral import kv_cache_bytes_per_token
+from model.mixtral import MixtralModel, allocate_kv_cache, kv_cache_bytes_per_token
+from model.ops import select_kernels
 from model.quant import resolve_quant
 from tokenization.prompt_encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSpec:
-    model_dir: Path
-    dtype: str | None
-    device: str
-    max_model_len: int | None
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    block_size: int
-    kv_cache_bytes: int
-    enable_prefix_caching: bool
-    seed: int = 0
-    quantization: str = "none"  # "none", "8bit", "int8", "fp8": the experts' storage
-    kernels: str = "auto"
-    cuda_graph_max_batch: int = 128
-    max_queue_time_s: float | None = None
+_GIB = 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,51 +43,105 @@ class EngineInfo:
 
 
 def build_engine(
-    spec: EngineSpec, encoder: PromptEncoder, progress: ProgressFn | None = None
+    model_dir: Path,
+    args: EngineArgs,
+    encoder: PromptEncoder,
+    progress: ProgressFn | None = None,
+    probe: MemoryProbe | None = None,
 ) -> tuple[Engine, EngineInfo]:
-    """Load the checkpoint, size the KV pool from `kv_cache_bytes`, and run a warm-up request."""
+    """Load the checkpoint, size the KV pool, and run a warm-up request.
+
+    `probe`: the memory of the device the pool is sized from (default: the CUDA device's, on a
+    GPU; none on a CPU). Tests inject one to size a pool on a CPU.
+    """
     start = time.monotonic()
-    check_memory(spec)
-    model = load_model(
-        spec.model_dir, spec.dtype, spec.device, spec.max_model_len, progress, spec.quantization
-    )
+    check_memory(model_dir, args)
+    model = load_model(model_dir, args.dtype, args.device, args.max_model_len, progress, args.quantization)
+    device = model.embed_tokens.weight.device
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # before CPU packing
+    if probe is None and device.type == "cuda":
+        probe = CudaMemory(device)
+    kv_bytes = kv_cache_budget(model, args, probe)
     dtype = model.embed_tokens.weight.dtype
-    per_block = kv_cache_bytes_per_token(model.config, dtype) * spec.block_size
-    num_blocks = max(1, spec.kv_cache_bytes // per_block)
-    max_len = min(spec.max_model_len or model.config.max_position_embeddings, num_blocks * spec.block_size)
+    per_block = kv_cache_bytes_per_token(model.config, dtype) * args.block_size
+    num_blocks = max(1, kv_bytes // per_block)
+    max_len = context_length(
+        args.max_model_len, model.config.max_position_embeddings, num_blocks * args.block_size
+    )
     config = EngineConfig(
         max_model_len=max_len,
         num_kv_blocks=num_blocks,
-        block_size=spec.block_size,
-        max_num_seqs=spec.max_num_seqs,
-        max_num_batched_tokens=max(spec.max_num_batched_tokens, spec.max_num_seqs),
-        enable_prefix_caching=spec.enable_prefix_caching,
-        kernels=spec.kernels,
-        cuda_graph_max_batch=spec.cuda_graph_max_batch,
-        max_queue_time_s=spec.max_queue_time_s,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
+        enable_prefix_caching=args.enable_prefix_caching,
+        kernels=args.kernels,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
+        max_queue_time_s=args.max_queue_time_s,
     )
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # before CPU packing
-    engine = Engine(model, config, encoder, encoder.eos_id, seed=spec.seed)
+    engine = Engine(model, config, encoder, encoder.eos_id, seed=args.seed)
     warm_up(engine, encoder)
     info = EngineInfo(
-        weights, num_blocks * per_block, num_blocks * spec.block_size, max_len, time.monotonic() - start
+        weights, num_blocks * per_block, num_blocks * args.block_size, max_len, time.monotonic() - start
     )
     return engine, info
 
 
-def check_memory(spec: EngineSpec) -> None:
+def kv_cache_budget(model: MixtralModel, args: EngineArgs, probe: MemoryProbe | None) -> int:
+    """Bytes for the KV pool: `kv_cache_memory_gb` if set, else what the device leaves (probed),
+    else (a CPU) CPU_KV_CACHE_GB."""
+    if args.kv_cache_memory_gb is not None:
+        return int(args.kv_cache_memory_gb * _GIB)
+    if probe is None:
+        return int(CPU_KV_CACHE_GB * _GIB)
+    peak = largest_step_peak_bytes(model, args, probe)
+    budget = kv_pool_bytes(probe.total_bytes(), args.gpu_memory_utilization, peak)
+    logger.info(
+        "KV pool: %.2f GiB (%.0f%% of %.1f GiB, less %.2f GiB of weights and activations)",
+        budget / _GIB, 100 * args.gpu_memory_utilization, probe.total_bytes() / _GIB, peak / _GIB,
+    )  # fmt: skip
+    return budget
+
+
+def largest_step_peak_bytes(model: MixtralModel, args: EngineArgs, probe: MemoryProbe) -> int:
+    """Memory in use at the peak of a forward of the largest step the scheduler may build
+    (`max_num_batched_tokens` prompt tokens over `max_num_seqs` sequences, then their logits),
+    on the kernels the engine will use, less the small KV pool that forward needed."""
+    device = model.embed_tokens.weight.device
+    model.use_kernels(select_kernels(args.kernels, device))
+    tokens = max(args.max_num_batched_tokens, args.max_num_seqs)
+    seqs = min(args.max_num_seqs, tokens)
+    lengths = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
+    blocks_per_seq = -(-max(lengths) // args.block_size)
+    builder = BatchBuilder(tokens, seqs, blocks_per_seq, args.block_size, device)
+    probe.reset_peak()
+    kv_cache = allocate_kv_cache(
+        model.config, seqs * blocks_per_seq, args.block_size, model.embed_tokens.weight.dtype, device
+    )
+    chunks = [
+        SequenceChunk([1] * n, 0, range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+        for i, n in enumerate(lengths)
+    ]
+    batch = builder.build(chunks)
+    hidden = model(batch.input_ids, kv_cache, batch.attn)  # [T, D]
+    model.compute_logits(hidden.index_select(0, batch.logits_indices))  # [S, V], as the sampler does
+    peak = probe.peak_bytes() - kv_cache.numel() * kv_cache.element_size()
+    del kv_cache, hidden, batch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return peak
+
+
+def check_memory(model_dir: Path, args: EngineArgs) -> None:
     """Refuse before loading when weights + the KV pool cannot fit the device."""
-    config = load_config(spec.model_dir, spec.max_model_len)
-    if spec.max_model_len and spec.max_model_len > config.max_position_embeddings:
-        raise ValueError(
-            f"max_model_len {spec.max_model_len} is longer than the checkpoint's context "
-            f"({config.max_position_embeddings} positions); rope scaling is not implemented"
-        )
-    dtype = getattr(torch, normalize_dtype_name(spec.dtype or config.checkpoint_dtype))
-    max_len = spec.max_model_len or config.max_position_embeddings
-    quant = resolve_quant(spec.quantization, spec.device)
-    plan = plan_memory(config, dtype, max_len, spec.kv_cache_bytes, device_memory_bytes(spec.device), quant)
-    check_fits(plan, spec.device, dtype)
+    config = load_config(model_dir, args.max_model_len)
+    max_len = context_length(args.max_model_len, config.max_position_embeddings)
+    dtype = getattr(torch, normalize_dtype_name(args.dtype or config.checkpoint_dtype))
+    quant = resolve_quant(args.quantization, args.device)
+    on_cpu = not args.device.startswith("cuda")
+    kv_gb = args.kv_cache_memory_gb or (CPU_KV_CACHE_GB if on_cpu else 0.0)  # 0: sized later
+    plan = plan_memory(config, dtype, max_len, int(kv_gb * _GIB), device_memory_bytes(args.device), quant)
+    check_fits(plan, args.device, dtype)
 
 
 def warm_up(engine: Engine, encoder: PromptEncoder) -> None:

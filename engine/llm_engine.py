@@ -235,7 +235,7 @@ class Engine:
     def _expire_overdue(self) -> list[RequestOutput]:
         """Drop requests that waited past `max_queue_time_s` with none of their choices started."""
         bound = self.config.max_queue_time_s
-        if bound is None or not self.scheduler.waiting:
+        if not bound or not self.scheduler.waiting:  # 0: no bound
             return []
         outputs = []
         now = time.monotonic()

@@ -1,8 +1,11 @@
-"""Will it fit? Weights plus a minimum KV cache against the device's memory, checked before loading."""
+"""Device memory: will it fit (weights plus a minimum KV cache, checked before loading), and how
+large the KV pool is (sized once the weights are in and a forward of the largest step has run).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -72,3 +75,52 @@ def check_fits(plan: MemoryPlan, device: str, dtype: torch.dtype) -> None:
         "141 GB H200), a shorter max_model_len / smaller kv_cache_memory_gb, 8-bit experts "
         "(quantization: 8bit; Mixtral 8x7B then takes ~48 GB), or (planned) tensor parallelism."
     )
+
+
+class MemoryProbe(Protocol):
+    """What the KV pool is sized from: one device's memory, as its allocator sees it."""
+
+    def total_bytes(self) -> int:
+        """The device's memory, all of it."""
+        ...
+
+    def reset_peak(self) -> None: ...
+
+    def peak_bytes(self) -> int:
+        """The most memory in use since `reset_peak`: weights, activations and anything else resident."""
+        ...
+
+
+class CudaMemory:
+    """`MemoryProbe` of one CUDA device. Memory that torch's allocator does not hold (the CUDA
+    context, other libraries) counts as in use, as it is not available to the pool."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def total_bytes(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[1]
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        return torch.cuda.max_memory_allocated(self.device) + max(outside_torch, 0)
+
+
+def kv_pool_bytes(total_bytes: int, utilization: float, peak_bytes: int) -> int:
+    """What `utilization` of the device leaves for the KV pool once `peak_bytes` (weights and the
+    largest step's activations) are in use; `InsufficientMemoryError` when that is nothing."""
+    budget = int(total_bytes * utilization)
+    if budget <= peak_bytes:
+        raise InsufficientMemoryError(
+            f"no room for a KV cache: the weights and a forward of the largest step take "
+            f"{peak_bytes / _GB:.1f} GB, and gpu_memory_utilization {utilization} of the device's "
+            f"{total_bytes / _GB:.1f} GB is {budget / _GB:.1f} GB. Raise gpu_memory_utilization, "
+            "lower max_num_batched_tokens, or use 8-bit experts (quantization: 8bit)."
+        )
+    return budget - peak_bytes

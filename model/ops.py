@@ -17,8 +17,9 @@ import torch
 from model import paged_attention as torch_attention
 from model.batch import AttentionMetadata
 from model.moe import ExpertWeights, Routing, grouped_experts
+from model.options import KernelChoice, choices
 
-KERNEL_CHOICES = ("auto", "torch", "triton")
+KERNEL_CHOICES = choices(KernelChoice)
 
 
 class Kernels(Protocol):

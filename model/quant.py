@@ -18,6 +18,8 @@ from enum import StrEnum
 
 import torch
 
+from model.options import Quantization, choices
+
 
 class WeightQuant(StrEnum):
     NONE = "none"
@@ -38,7 +40,7 @@ class WeightQuant(StrEnum):
         return {WeightQuant.INT8: 127.0, WeightQuant.FP8: 448.0}[self]
 
 
-QUANT_CHOICES = ("none", "8bit", "int8", "fp8")
+QUANT_CHOICES = choices(Quantization)
 
 
 def resolve_quant(requested: str | None, device: torch.device | str) -> WeightQuant:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
+from engine.config import CPU_KV_CACHE_GB
 from server.settings import DEFAULT_MODEL, DEMO_MODELS, READY_LINE, ServerSettings, load_settings
 
 # Defaults that are None in ServerSettings, spelled as what they mean.
@@ -18,6 +20,7 @@ _DERIVED_DEFAULTS = {
     "api_key": "none: the API is open, so bind to loopback",
     "dtype": "the checkpoint's",
     "max_model_len": "the checkpoint's context, capped by the KV pool",
+    "kv_cache_memory_gb": f"on a GPU what --gpu-memory-utilization leaves, on a CPU {CPU_KV_CACHE_GB}",
 }
 
 
@@ -28,6 +31,20 @@ def _default(name: str) -> str:
     return str(field.get_default(call_default_factory=True))
 
 
+def _typed(name: str) -> dict[str, Any]:
+    """argparse's `type` or `choices` for a setting, read off its annotation in ServerSettings."""
+    annotation = ServerSettings.model_fields[name].annotation
+    kinds = (
+        [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) else [annotation]
+    )
+    kind = kinds[0] if len(kinds) == 1 else annotation
+    if get_origin(kind) is Literal:
+        return {"choices": get_args(kind)}
+    if kind in (int, float):
+        return {"type": kind, "metavar": "N"}
+    return {}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mixtral-server",
@@ -36,30 +53,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     flagged: list[str] = []
 
-    def add(flag: str, help_: str, **kwargs) -> None:
-        dest = kwargs.setdefault("dest", flag.removeprefix("--").replace("-", "_"))
-        kwargs.setdefault("metavar", "N" if kwargs.get("type") in (int, float) else None)
+    def add(flag: str, help_: str, **kwargs: Any) -> None:
+        dest = flag.removeprefix("--").replace("-", "_")
         flagged.append(dest)
-        p.add_argument(flag, help=f"{help_} (default: {_default(dest)})", **kwargs)
+        p.add_argument(flag, dest=dest, help=f"{help_} (default: {_default(dest)})", **_typed(dest) | kwargs)
 
     demos = "; ".join(f"{name}: {description}" for name, (_, description) in DEMO_MODELS.items())
     add("--model", f"checkpoint directory (HF or Mistral consolidated layout), or a demo name ({demos})")
     p.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings (flags override it)")
     add("--host", "bind address (0.0.0.0 inside a container)")
-    add("--port", "port", type=int)
+    add("--port", "port")
     add("--served-model-name", "model id, then aliases", nargs="+", metavar="NAME")
     add("--api-key", "accepted bearer key (repeatable)", action="append", metavar="KEY")
-    add("--dtype", "weights and activations", choices=["bfloat16", "float16", "float32"])
+    add("--dtype", "weights and activations")
     add("--device", "cpu, cuda or cuda:N")
-    add("--quantization", "8-bit expert weights", choices=["none", "8bit", "int8", "fp8"])
-    add("--kernels", "auto: Triton on CUDA, torch on CPU", choices=["auto", "torch", "triton"])
-    add("--cuda-graph-max-batch", "largest decode batch replayed from a CUDA graph; 0: none", type=int)
-    add("--max-model-len", "tokens per sequence", type=int)
-    add("--max-num-seqs", "sequences per step", type=int)
-    add("--max-num-batched-tokens", "tokens per step (the chunked-prefill budget)", type=int)
-    add("--block-size", "tokens per KV block", type=int)
-    add("--kv-cache-memory-gb", "KV pool size in GiB", type=float)
-    add("--default-temperature", "temperature of requests that set none", type=float)
+    add("--quantization", "8-bit expert weights (8bit: fp8 on Ada/Hopper, int8 elsewhere)")
+    add("--kernels", "auto: Triton on CUDA, torch on CPU")
+    add("--cuda-graph-max-batch", "largest decode batch replayed from a CUDA graph; 0: none")
+    add("--max-model-len", "tokens per sequence")
+    add("--max-num-seqs", "sequences per step")
+    add("--max-num-batched-tokens", "tokens per step (the chunked-prefill budget)")
+    add("--block-size", "tokens per KV block")
+    add("--kv-cache-memory-gb", "KV pool size in GiB; it wins over --gpu-memory-utilization")
+    add(
+        "--gpu-memory-utilization",
+        "fraction of the GPU's total memory for weights, activations and the KV pool",
+    )
+    add("--default-temperature", "temperature of requests that set none")
     add("--log-level", "debug, info, warning or error")
     p.epilog = _epilog(flagged)
     return p

@@ -18,7 +18,7 @@ from pathlib import Path
 import uvicorn
 
 from engine.async_engine import AsyncEngine
-from engine.factory import EngineInfo, EngineSpec, build_engine
+from engine.factory import EngineInfo, build_engine
 from server.app import create_app
 from server.metrics import MeteredEngine, Metrics
 from server.settings import DEFAULT_MODEL, DEMO_MODELS, READY_LINE, ServerSettings
@@ -105,34 +105,14 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def engine_spec(settings: ServerSettings, model_dir: Path) -> EngineSpec:
-    """The part of the settings that builds the engine."""
-    return EngineSpec(
-        model_dir=model_dir,
-        dtype=settings.dtype,
-        device=settings.device,
-        quantization=settings.quantization,
-        kernels=settings.kernels,
-        cuda_graph_max_batch=settings.cuda_graph_max_batch,
-        max_queue_time_s=settings.max_queue_time_s or None,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        block_size=settings.block_size,
-        kv_cache_bytes=int(settings.kv_cache_memory_gb * _GIB),
-        enable_prefix_caching=settings.enable_prefix_caching,
-        seed=settings.seed,
-    )
-
-
 def build_app(settings: ServerSettings):
     model_dir, description = resolve_model(settings)
     encoder = load_prompt_encoder(model_dir)  # before the weights: a missing tokenizer fails fast
-    spec = engine_spec(settings, model_dir)
+    args = settings.engine_args()
     info: dict[str, EngineInfo] = {}
 
     def build():
-        engine, info["engine"] = build_engine(spec, encoder, ProgressBar())
+        engine, info["engine"] = build_engine(model_dir, args, encoder, ProgressBar())
         return engine
 
     engine = AsyncEngine(build)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from engine.config import EngineArgs
+from model.options import DType, KernelChoice, Quantization
 
 ENV_PREFIX = "MIXTRAL_"
 # Names `model` takes besides a checkpoint directory: (the kind `model.demo` converts, description).
@@ -41,43 +45,55 @@ def _split(value: Any) -> Any:
 StrList = Annotated[list[str], NoDecode, BeforeValidator(_split)]
 
 
+_ENGINE = EngineArgs()
+
+
 class ServerSettings(BaseSettings):
-    """Every setting of the server; YAML keys and `MIXTRAL_<NAME>` variables use these names."""
+    """Every setting of the server; YAML keys and `MIXTRAL_<NAME>` variables use these names.
+
+    The engine's settings mirror `engine.config.EngineArgs`, which gives their types and
+    defaults and validates them (`engine_args`); the rest belong to the server.
+    """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
+    # ---- what is served, and to whom
     model: str | None = None  # checkpoint directory or a DEMO_MODELS name; None: DEFAULT_MODEL
     served_model_name: StrList = Field(default_factory=list)  # first is the id; the rest aliases
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: StrList = Field(default_factory=list)
-    dtype: str | None = None  # default: the checkpoint's
-    # 8-bit expert weights: "8bit" picks fp8 on Ada/Hopper GPUs and int8 elsewhere (model/quant.py)
-    quantization: Literal["none", "8bit", "int8", "fp8"] = "none"
-    kernels: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on CUDA, torch on CPU
-    cuda_graph_max_batch: int = Field(default=128, ge=0)  # 0: decode without CUDA graphs
-    device: str = "cpu"
-    max_model_len: int | None = None  # default: the checkpoint's context, capped by the KV pool
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
-    enable_prefix_caching: bool = True
+    # ---- the engine (engine.config.EngineArgs)
+    dtype: DType | None = _ENGINE.dtype
+    device: str = _ENGINE.device
+    quantization: Quantization = _ENGINE.quantization
+    kernels: KernelChoice = _ENGINE.kernels
+    cuda_graph_max_batch: int = _ENGINE.cuda_graph_max_batch
+    max_model_len: int | None = _ENGINE.max_model_len
+    max_num_seqs: int = _ENGINE.max_num_seqs
+    max_num_batched_tokens: int = _ENGINE.max_num_batched_tokens
+    block_size: int = _ENGINE.block_size
+    kv_cache_memory_gb: float | None = _ENGINE.kv_cache_memory_gb
+    gpu_memory_utilization: float = _ENGINE.gpu_memory_utilization
+    enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
+    max_queue_time_s: float = _ENGINE.max_queue_time_s
+    seed: int = _ENGINE.seed
+    # ---- requests
     default_temperature: float = 0.7
     max_body_bytes: int = 2 * 1024 * 1024
     cors_origins: StrList = Field(default_factory=list)
     max_waiting_requests: int = 256
-    max_queue_time_s: float = Field(default=120.0, ge=0)  # not started within this: 503; 0: no bound
     drain_timeout_s: float = 30.0
     log_level: str = "info"
-    seed: int = 0
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
-            raise ValueError("device must be cpu, cuda or cuda:N")
-        return value
+    @model_validator(mode="after")
+    def _valid_engine_args(self) -> ServerSettings:
+        self.engine_args()  # raises ValueError naming the setting
+        return self
+
+    def engine_args(self) -> EngineArgs:
+        """The engine's settings, as the engine takes them."""
+        return EngineArgs(**{f.name: getattr(self, f.name) for f in fields(EngineArgs)})
 
     @property
     def api_keys(self) -> list[str]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from engine.config import EngineArgs
 from server.cli import parse_args
 from server.settings import ServerSettings, load_settings
 
@@ -78,10 +80,29 @@ def test_help_shows_every_default_and_the_demos_without_loading_torch():
     for name in ("demo", "demo-moe"):  # textwrap may break a line after a hyphen
         assert f"{name}:SmolLM2-135M-Instruct" in "".join(text.split()), name
     defaults = ServerSettings()
-    for name in ("port", "host", "max_num_seqs", "kv_cache_memory_gb", "quantization", "block_size"):
+    for name in ("port", "host", "max_num_seqs", "gpu_memory_utilization", "quantization", "block_size"):
         flag = "--" + name.replace("_", "-")
         after = flat.split(f" {flag} ", 1)[1]
         assert after.split(" --", 1)[0].rstrip().endswith(f"(default: {getattr(defaults, name)})"), flag
     for name in ServerSettings.model_fields:  # every setting is in the help, with a flag or not
         assert f"--{name.replace('_', '-')}" in flat or f"{name} (default: " in flat, name
     assert "(default: demo)" in flat
+
+
+def test_the_engine_settings_come_from_engine_args():
+    """One source: every engine setting is a server setting with EngineArgs' default, and is
+    validated by EngineArgs."""
+    defaults = ServerSettings()
+    for f in fields(EngineArgs):
+        assert f.name in ServerSettings.model_fields, f.name
+        assert getattr(defaults, f.name) == f.default, f.name
+    assert defaults.engine_args() == EngineArgs()
+    for bad in (
+        {"gpu_memory_utilization": 1.5},
+        {"device": "tpu"},
+        {"max_queue_time_s": -1},
+        {"block_size": 0},
+    ):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            load_settings(bad)
+    assert load_settings({"kernels": "torch"}).engine_args().kernels == "torch"
