@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from server.engine_client import EngineClient
-from server.errors import NotFound, Overloaded, engine_dead, not_ready
+from server.errors import BadRequest, NotFound, Overloaded, engine_dead, not_ready
 from server.metrics import Metrics
 from server.protocol import ModelCapabilities, ModelCard
 from tokenization.prompt_encoder import PromptEncoder
@@ -23,6 +23,13 @@ class ServedModel:
     default_temperature: float
     description: str
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        """400 naming the first id outside [0, vocab_size)."""
+        vocab = self.encoder.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise BadRequest(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
 
     def card(self) -> ModelCard:
         return ModelCard(

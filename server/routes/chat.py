@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
+from sse_starlette.sse import EventSourceResponse
 
 from engine.outputs import Logprob
-from engine.sampling_params import SamplingParams
 from server.deps import serving_state
 from server.errors import BadRequest
-from server.generation import collect, finish_reason, first_output
 from server.protocol import (
     AssistantMessageOut,
     ChatChoice,
@@ -32,6 +30,7 @@ from server.protocol import (
 from server.sampling import chat_sampling_params
 from server.sse import event_stream, sse_json
 from server.state import AppState, ServedModel
+from server.streaming import Delta, Generation, Prompt, stream_events
 from tokenization import ChatMessage, parse_messages, with_safe_prompt
 
 logger = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ def context_ids(model: ServedModel, prompt_ids: list[int], prefix: str) -> list[
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     req: ChatCompletionRequest, request: Request, state: Annotated[AppState, Depends(serving_state)]
-):
+) -> ChatCompletionResponse | EventSourceResponse:
     if unknown := req.unknown_fields():
         logger.info("ignored unknown fields: %s", ", ".join(unknown[:20]))
     model = state.resolve(req.model)
@@ -85,34 +84,30 @@ async def chat_completions(
     messages, prompt_ids = await encode(req, model)
     params = chat_sampling_params(req, len(prompt_ids), model)
     prefix = prefix_of(messages)
-    ctx = context_ids(model, prompt_ids, prefix)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    prompt = Prompt(prompt_ids, params, context_ids(model, prompt_ids, prefix))
+    generation = Generation(state.engine, request_id, [prompt])
     if req.stream:
+        await generation.start(request)  # errors before the first token are plain HTTP errors
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        stream = ChatStream(state, req.model, request_id, prompt_ids, params, ctx, include_usage)
-        await stream.start(request)  # errors before the first token are plain HTTP errors
-        return event_stream(stream.events())
-    result = await collect(request, state.engine, prompt_ids, params, request_id, ctx)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessageOut(content=prefix + c.text, prefix=bool(prefix)),
-            finish_reason=c.finish_reason,
-            logprobs=logprobs_out(c.logprobs) if params.logprobs is not None else None,
-        )
-        for i, c in enumerate(result.choices)
-    ]
+        chunks = ChatChunks(req.model, request_id, params.n, params.logprobs is not None)
+        return event_stream(stream_events(generation, chunks, include_usage, request_id))
+    choices = await generation.collect(request)
     return ChatCompletionResponse(
         id=request_id,
         created=now(),
         model=req.model,
-        choices=choices,
-        usage=usage(result.prompt_tokens, result.completion_tokens),
+        choices=[
+            ChatChoice(
+                index=i,
+                message=AssistantMessageOut(content=prefix + c.text, prefix=bool(prefix)),
+                finish_reason=c.finish_reason,
+                logprobs=logprobs_out(c.logprobs) if params.logprobs is not None else None,
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=generation.usage(),
     )
-
-
-def usage(prompt: int, completion: int) -> UsageInfo:
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def logprobs_out(entries: list[Logprob]) -> ChoiceLogprobs:
@@ -131,33 +126,15 @@ def logprobs_out(entries: list[Logprob]) -> ChoiceLogprobs:
     )
 
 
-class ChatStream:
-    """SSE chunks of one chat completion (API.md, "Streaming")."""
+class ChatChunks:
+    """`chat.completion.chunk`s (API.md, "Streaming"): a `StreamFormat` of the streaming core."""
 
-    def __init__(
-        self,
-        state: AppState,
-        model_name: str,
-        request_id: str,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        ctx: list[int],
-        include_usage: bool,
-    ) -> None:
-        self.state = state
+    def __init__(self, model_name: str, request_id: str, n: int, logprobs: bool) -> None:
         self.model_name = model_name
         self.request_id = request_id
-        self.params = params
-        self.prompt_tokens = len(prompt_ids)
-        self.include_usage = include_usage
+        self.n = n
+        self.logprobs = logprobs
         self.created = now()
-        self._outputs = state.engine.generate(prompt_ids, params, request_id, ctx)
-        self._first = None
-
-    async def start(self, request: Request) -> None:
-        """Wait for the first output, so a request the engine refuses gets a proper status code
-        (and one whose client leaves meanwhile is aborted)."""
-        self._first = await first_output(request, self._outputs)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage_info: UsageInfo | None = None) -> str:
         chunk = ChatCompletionChunk(
@@ -165,50 +142,26 @@ class ChatStream:
         )
         return sse_json(chunk)
 
-    async def events(self) -> AsyncIterator[str]:
-        completion_tokens = 0
-        remaining = self.params.n
-        for i in range(self.params.n):
-            yield self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        try:
-            first, self._first = self._first, None
-            pending = [first] if first is not None else []
-            async for out in _chain(pending, self._outputs):
-                completion_tokens += len(out.new_token_ids)
-                remaining -= out.finished
-                reason = "error" if out.error else finish_reason(out.finish_reason) if out.finished else None
-                last = remaining == 0
-                usage_info = (
-                    usage(self.prompt_tokens, completion_tokens) if last and not self.include_usage else None
-                )
-                lp = (
-                    logprobs_out(list(out.logprobs))
-                    if self.params.logprobs is not None and out.logprobs
-                    else None
-                )
-                if out.new_text or reason is not None or lp is not None:
-                    choice = ChatChunkChoice(
-                        index=out.index,
-                        delta=DeltaMessage(content=out.new_text),
-                        finish_reason=reason,
-                        logprobs=lp,
-                    )
-                    yield self._chunk([choice], usage_info)
-        except Exception as exc:  # after the first byte: report in-band, the stream stays parseable
-            logger.warning("stream %s failed: %s", self.request_id, type(exc).__name__)
-            for i in range(self.params.n):
-                yield self._chunk(
-                    [ChatChunkChoice(index=i, delta=DeltaMessage(content=""), finish_reason="error")]
-                )
-        finally:
-            await self._outputs.aclose()  # a cancelled stream (client gone) aborts the request here
-        if self.include_usage:
-            yield self._chunk([], usage(self.prompt_tokens, completion_tokens))
-        yield "[DONE]"
+    def opening(self) -> list[str]:
+        role = DeltaMessage(role="assistant", content="")
+        return [self._chunk([ChatChunkChoice(index=i, delta=role)]) for i in range(self.n)]
 
+    def delta(self, delta: Delta, usage: UsageInfo | None) -> str | None:
+        lp = logprobs_out(list(delta.logprobs)) if self.logprobs and delta.logprobs else None
+        if not delta.text and delta.finish_reason is None and lp is None:
+            return None
+        choice = ChatChunkChoice(
+            index=delta.index,
+            delta=DeltaMessage(content=delta.text),
+            finish_reason=delta.finish_reason,
+            logprobs=lp,
+        )
+        return self._chunk([choice], usage)
 
-async def _chain(first, rest):
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
+    def failed(self, index: int) -> str:
+        return self._chunk(
+            [ChatChunkChoice(index=index, delta=DeltaMessage(content=""), finish_reason="error")]
+        )
+
+    def usage_only(self, usage: UsageInfo) -> str:
+        return self._chunk([], usage)

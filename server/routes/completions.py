@@ -10,23 +10,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, NamedTuple
 
 from fastapi import APIRouter, Depends, Request
+from sse_starlette.sse import EventSourceResponse
 
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from server.deps import serving_state
 from server.errors import BadRequest
-from server.generation import check_failed, collect, finish_reason, wait_watching
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, now
-from server.routes.chat import usage
-from server.routes.tokenize import check_token_ids
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    now,
+)
 from server.sampling import completion_sampling_params
 from server.sse import event_stream, sse_json
 from server.state import AppState, ServedModel
+from server.streaming import Delta, Generation, Prompt, stream_events
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -35,7 +41,7 @@ MAX_CHOICES = 64  # prompts x n: the fan-out of one request (RELIABILITY.md item
 
 
 @dataclass(frozen=True)
-class Prompt:
+class TextPrompt:
     text: str  # what `echo` prepends: the prompt as sent, or its ids decoded
     ids: list[int]
     params: SamplingParams
@@ -51,12 +57,12 @@ def _encode(req: CompletionRequest, model: ServedModel) -> list[tuple[str, list[
         if isinstance(item, str):
             out.append((item, model.encoder.encode_text(item, bos=True)))
         else:
-            check_token_ids(item, model, param="prompt")
+            model.check_token_ids(item, param="prompt")
             out.append((model.encoder.decode(list(item)), list(item)))
     return out
 
 
-async def prompts_of(req: CompletionRequest, model: ServedModel) -> list[Prompt]:
+async def prompts_of(req: CompletionRequest, model: ServedModel) -> list[TextPrompt]:
     """Every prompt encoded and checked, before any model work."""
     prompts = []
     for text, ids in await asyncio.to_thread(_encode, req, model):
@@ -68,7 +74,7 @@ async def prompts_of(req: CompletionRequest, model: ServedModel) -> list[Prompt]
                 param="prompt",
                 code="context_length_exceeded",
             )
-        prompts.append(Prompt(text, ids, params))
+        prompts.append(TextPrompt(text, ids, params))
     if len(prompts) * req.n > MAX_CHOICES:
         raise BadRequest(f"prompts x n: at most {MAX_CHOICES} choices per request", param="n")
     return prompts
@@ -90,7 +96,7 @@ def null_tok(token_id: int, model: ServedModel) -> Tok:
     return Tok(raw.decode("utf-8", "replace"), len(raw) if model.encoder.decode([token_id]) else 0)  # <s>: 0
 
 
-def prompt_toks(p: Prompt, entries: Sequence[Logprob | None] | None, model: ServedModel) -> list[Tok]:
+def prompt_toks(p: TextPrompt, entries: Sequence[Logprob | None] | None, model: ServedModel) -> list[Tok]:
     """The prompt's tokens: the first (and any the engine left out) with a null logprob."""
     entries = list(entries or [None])
     if len(entries) < len(p.ids):  # prefix-cached tokens got no logprobs: keep the rest aligned
@@ -117,7 +123,7 @@ def add_logprobs(block: CompletionLogprobs, tokens: list[Tok], text: str, base: 
 
 def choice_logprobs(
     req: CompletionRequest,
-    p: Prompt,
+    p: TextPrompt,
     model: ServedModel,
     head: str,
     prompt_lps,
@@ -138,113 +144,67 @@ def choice_logprobs(
 @router.post("/v1/completions", response_model=None)
 async def completions(
     req: CompletionRequest, request: Request, state: Annotated[AppState, Depends(serving_state)]
-):
+) -> CompletionResponse | EventSourceResponse:
     if unknown := req.unknown_fields():
         logger.info("ignored unknown fields: %s", ", ".join(unknown[:20]))
     model = state.resolve(req.model)
     prompts = await prompts_of(req, model)
     rid = f"cmpl-{uuid.uuid4().hex}"
+    generation = Generation(state.engine, rid, [Prompt(p.ids, p.params, p.ids) for p in prompts])
     if req.stream:
-        stream = CompletionStream(state, req, model, rid, prompts)
-        await stream.start(request)  # errors before the first token are plain HTTP errors
-        return event_stream(stream.events())
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(collect(request, state.engine, p.ids, p.params, f"{rid}-{k}", p.ids))
-                for k, p in enumerate(prompts)
-            ]
-    except BaseExceptionGroup as failed:  # the first failure cancelled the other prompts
-        raise failed.exceptions[0] from None
+        await generation.start(request)  # errors before the first token are plain HTTP errors
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunks = CompletionChunks(req, model, rid, prompts)
+        return event_stream(stream_events(generation, chunks, include_usage, rid))
     choices = []
-    for k, (p, task) in enumerate(zip(prompts, tasks, strict=True)):
-        for i, c in enumerate(task.result().choices):
-            head = p.text if req.echo else ""
-            lp = choice_logprobs(req, p, model, head, c.prompt_logprobs, c.logprobs, c.text, 0)
-            reason = c.finish_reason
-            choices.append(
-                CompletionChoice(index=k * req.n + i, text=head + c.text, finish_reason=reason, logprobs=lp)
-            )
-    completion_tokens = sum(t.result().completion_tokens for t in tasks)
-    body = usage(sum(len(p.ids) for p in prompts), completion_tokens)
-    return CompletionResponse(id=rid, created=now(), model=req.model, choices=choices, usage=body)
+    for index, c in enumerate(await generation.collect(request)):
+        p = prompts[index // req.n]
+        head = p.text if req.echo else ""
+        lp = choice_logprobs(req, p, model, head, c.prompt_logprobs, c.logprobs, c.text, 0)
+        choices.append(
+            CompletionChoice(index=index, text=head + c.text, finish_reason=c.finish_reason, logprobs=lp)
+        )
+    return CompletionResponse(
+        id=rid, created=now(), model=req.model, choices=choices, usage=generation.usage()
+    )
 
 
-class CompletionStream:
-    """SSE `text_completion` chunks of every prompt's choices, interleaved, then `[DONE]`."""
+class CompletionChunks:
+    """`text_completion` chunks, a `StreamFormat` of the streaming core: the echoed prompt rides
+    on each choice's first chunk, and logprob offsets count the characters sent so far."""
 
     def __init__(
-        self, state: AppState, req: CompletionRequest, model: ServedModel, rid: str, prompts: list[Prompt]
+        self, req: CompletionRequest, model: ServedModel, rid: str, prompts: list[TextPrompt]
     ) -> None:
         self.req, self.model, self.rid, self.prompts = req, model, rid, prompts
         self.created = now()
-        self._gens = [
-            state.engine.generate(p.ids, p.params, f"{rid}-{k}", p.ids) for k, p in enumerate(prompts)
-        ]
-        self._next: dict[asyncio.Future, int] = {}  # each prompt's pending output -> the prompt
+        self.sent = [-1] * (len(prompts) * req.n)  # characters sent per choice; -1: nothing yet
 
-    async def start(self, request: Request) -> None:
-        """Wait for every prompt's first output, so a request the engine refuses gets a status code
-        (and one whose client leaves while queued is aborted, as in chat)."""
-        self._next = {asyncio.ensure_future(anext(g, None)): k for k, g in enumerate(self._gens)}
-        try:
-            await wait_watching(request, self._next)  # raises what the engine raised
-            for future in self._next:
-                check_failed(future.result())
-        except BaseException:
-            await self.close()
-            raise
-
-    async def close(self) -> None:
-        """Abort whatever still runs (leaving `generate` aborts its request)."""
-        for future in self._next:
-            future.cancel()
-        await asyncio.gather(*self._next, return_exceptions=True)
-        for gen in self._gens:
-            await gen.aclose()
-
-    def _chunk(self, choices: list[CompletionChoice], body=None) -> str:
+    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         chunk = CompletionResponse(
-            id=self.rid, created=self.created, model=self.req.model, choices=choices, usage=body
+            id=self.rid, created=self.created, model=self.req.model, choices=choices, usage=usage
         )
         return sse_json(chunk)
 
-    async def events(self) -> AsyncIterator[str]:
-        req, n = self.req, self.req.n
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        sent = [-1] * (len(self.prompts) * n)  # characters sent per choice; -1: nothing yet
-        unfinished = set(range(len(sent)))
-        prompt_tokens, completion_tokens = sum(len(p.ids) for p in self.prompts), 0
-        try:
-            while self._next:
-                done, _ = await asyncio.wait(self._next, return_when=asyncio.FIRST_COMPLETED)
-                for future in sorted(done, key=self._next.__getitem__):
-                    k = self._next.pop(future)
-                    if (out := future.result()) is None:
-                        continue  # that prompt's choices are all done
-                    self._next[asyncio.ensure_future(anext(self._gens[k], None))] = k
-                    completion_tokens += len(out.new_token_ids)
-                    p, index = self.prompts[k], k * n + out.index
-                    unfinished -= {index} if out.finished else set()
-                    head, base = (p.text if req.echo and sent[index] < 0 else ""), max(sent[index], 0)
-                    lps = out.prompt_logprobs, out.logprobs
-                    lp = choice_logprobs(req, p, self.model, head, *lps, out.new_text, base)
-                    sent[index] = base + len(head) + len(out.new_text)
-                    reason = (
-                        ("error" if out.error else finish_reason(out.finish_reason)) if out.finished else None
-                    )
-                    if head or out.new_text or reason or (lp and lp.tokens):
-                        # Mistral style by default: usage rides on the last choice's final chunk.
-                        last = not unfinished and not include_usage
-                        text = head + out.new_text
-                        choice = CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=lp)
-                        yield self._chunk([choice], usage(prompt_tokens, completion_tokens) if last else None)
-        except Exception as exc:  # after the first byte: report in-band, the stream stays parseable
-            logger.warning("stream %s failed: %s", self.rid, type(exc).__name__)
-            for index in sorted(unfinished):
-                yield self._chunk([CompletionChoice(index=index, text="", finish_reason="error")])
-        finally:
-            await self.close()
-        if include_usage:
-            yield self._chunk([], usage(prompt_tokens, completion_tokens))
-        yield "[DONE]"
+    def opening(self) -> list[str]:
+        return []
+
+    def delta(self, delta: Delta, usage: UsageInfo | None) -> str | None:
+        p, index = self.prompts[delta.prompt], delta.index
+        head = p.text if self.req.echo and self.sent[index] < 0 else ""
+        base = max(self.sent[index], 0)
+        lps = delta.prompt_logprobs, list(delta.logprobs)
+        lp = choice_logprobs(self.req, p, self.model, head, *lps, delta.text, base)
+        self.sent[index] = base + len(head) + len(delta.text)
+        if not (head or delta.text or delta.finish_reason or (lp and lp.tokens)):
+            return None
+        text = head + delta.text
+        return self._chunk(
+            [CompletionChoice(index=index, text=text, finish_reason=delta.finish_reason, logprobs=lp)], usage
+        )
+
+    def failed(self, index: int) -> str:
+        return self._chunk([CompletionChoice(index=index, text="", finish_reason="error")])
+
+    def usage_only(self, usage: UsageInfo) -> str:
+        return self._chunk([], usage)

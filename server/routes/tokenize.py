@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -28,14 +27,6 @@ router = APIRouter()
 def model_named(state: AppState, name: str | None) -> ServedModel:
     """The named model (404 if unknown), or the served one when no name is given (503 while loading)."""
     return state.served() if name is None else state.resolve(name)
-
-
-def check_token_ids(ids: Sequence[int], model: ServedModel, param: str = "tokens") -> None:
-    """400 naming the first id outside [0, vocab_size)."""
-    vocab = model.encoder.vocab_size
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise BadRequest(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
 
 
 @router.post("/tokenize")
@@ -60,5 +51,5 @@ async def tokenize(req: TokenizeRequest, state: Annotated[AppState, Depends(get_
 async def detokenize(req: DetokenizeRequest, state: Annotated[AppState, Depends(get_state)]) -> dict:
     """Token ids -> text (special tokens dropped, as in generated text)."""
     model = model_named(state, req.model)
-    check_token_ids(req.tokens, model)
+    model.check_token_ids(req.tokens, param="tokens")
     return {"prompt": await asyncio.to_thread(model.encoder.decode, list(req.tokens))}
