@@ -11,24 +11,17 @@ Shape legend: T tokens in the step, S sampled sequences, V vocabulary, D hidden 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from engine.config import EngineConfig
-from engine.sampler import Sampler, SamplingRow, TokenLogprob, make_generator, prompt_logprobs
+from engine.runner_output import RunnerOutput
+from engine.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from model.batch import BatchBuilder, SequenceChunk
 from model.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from model.mixtral import MixtralModel, allocate_kv_cache
 from model.ops import select_kernels
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerOutput:
-    sampled: dict[str, int]  # request id -> token
-    logprobs: dict[str, TokenLogprob]  # for requests that asked for them
-    prompt_logprobs: dict[str, list[TokenLogprob]]  # request id -> entries for this chunk's targets
 
 
 class ModelRunner:

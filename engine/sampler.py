@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.runner_output import TokenLogprob
 from engine.sampling_params import SamplingParams
 
 _SEED_MODULUS = 1 << 64  # torch generators take seeds in [0, 2**64); the API allows [-2**63, 2**64)
@@ -32,16 +33,6 @@ class SamplingRow:
     output_token_ids: Sequence[int]  # tokens generated so far by this sequence
     generator: torch.Generator | None  # the sequence's own generator when it has a seed, else None
     eos_token_id: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    """The log-probability of one chosen token under the raw model distribution."""
-
-    token_id: int
-    logprob: float
-    rank: int  # 1 = most likely under the model
-    top: tuple[tuple[int, float], ...]  # top-k alternatives (token id, logprob), most likely first
 
 
 @dataclass(frozen=True, slots=True)

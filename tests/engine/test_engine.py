@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from engine import llm_engine
+from engine import fault_policy
 from engine.errors import RequestRejected
-from engine.llm_engine import MAX_OOM_RETRIES
+from engine.fault_policy import MAX_OOM_RETRIES
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from tests.engine.helpers import EOS, greedy, make_engine, run, text, tokens
@@ -63,8 +63,8 @@ def test_prefix_cache_hit_skips_work_and_keeps_output(hf_dir, alone):
 def test_streamed_text_equals_decoding_all_tokens(hf_dir):
     engine = make_engine(hf_dir)
     outs = run(engine, {"x": (PROMPTS["b"], greedy(40))})[("x", 0)]
-    assert text(outs) == engine.decoder.decode(tokens(outs))
-    assert "\ufffd" not in text(outs) or "\ufffd" in engine.decoder.decode(tokens(outs))
+    assert text(outs) == engine.outputs.decoder.decode(tokens(outs))
+    assert "\ufffd" not in text(outs) or "\ufffd" in engine.outputs.decoder.decode(tokens(outs))
 
 
 def test_stop_string_across_tokens_ends_generation_and_is_not_in_output(hf_dir):
@@ -150,14 +150,15 @@ def test_logprobs_of_sampled_tokens_and_prompt(hf_dir, oracle):
 def test_failure_in_one_request_leaves_the_others_intact(hf_dir, alone):
     engine = make_engine(hf_dir)
     engine.add_request("bad", PROMPTS["c"], greedy(24))
-    real_add = engine._detok["bad"].add
+    state = engine.outputs.sequence("bad")
+    real_add = state.detokenizer.add
 
     def explode(ids):
-        if len(engine._choices["bad"][0].output_token_ids) >= 3:
+        if len(state.request.output_token_ids) >= 3:
             raise RuntimeError("injected fault")
         return real_add(ids)
 
-    engine._detok["bad"].add = explode
+    state.detokenizer.add = explode
     outs = run(engine, {rid: (PROMPTS[rid], greedy(24)) for rid in ("a", "b")})
     assert outs[("bad", 0)][-1].finish_reason is FinishReason.ERROR
     assert "injected fault" in outs[("bad", 0)][-1].error
@@ -199,7 +200,9 @@ def test_forward_that_one_request_breaks_fails_that_request_only(hf_dir, alone):
     assert calls[first] == (4, True) and [n for n, _ in calls[first + 1 : first + 6]] == [1, 1, 1, 1, 3]
     assert sum(raised for _, raised in calls) == 2  # the batch, then "bad" alone; never again
     assert engine.num_retried_steps == 1 and engine.scheduler.num_preemptions == 0
-    assert engine._choices == {} and engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+    assert (
+        "bad" not in engine.outputs and engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+    )
 
 
 def test_forwards_that_fail_at_a_batch_size_shrink_the_batch_then_regrow(hf_dir, alone, monkeypatch):
@@ -207,7 +210,7 @@ def test_forwards_that_fail_at_a_batch_size_shrink_the_batch_then_regrow(hf_dir,
     with a request: each request runs alone every time, so after two such steps in a row the
     engine halves the requests per step (16 -> 8 -> 4 -> 2, requeueing what runs beyond the cap),
     tokens unchanged. After STEPS_BEFORE_REGROW clean steps the cap doubles again."""
-    monkeypatch.setattr(llm_engine, "STEPS_BEFORE_REGROW", 10)
+    monkeypatch.setattr(fault_policy, "STEPS_BEFORE_REGROW", 10)
     engine = make_engine(hf_dir)  # max_num_seqs 16
     real_execute = engine.runner.execute
     sizes = []
@@ -277,7 +280,7 @@ def test_request_that_keeps_running_out_of_memory_fails_and_others_go_on(hf_dir,
     assert d[-1].finish_reason is FinishReason.ERROR and d[-1].error_code == "out_of_memory"
     assert "OutOfMemoryError" in d[-1].error
     assert ooms.count(1) == MAX_OOM_RETRIES + 1  # retried twice alone, failed on the third
-    assert engine._choices == {} and not engine.has_work
+    assert not any(rid in engine.outputs for rid in "abcde") and not engine.has_work
     for rid in ("a", "b", "c", "e"):  # never requeued, never blamed
         assert tokens(outs[(rid, 0)]) == alone[rid]
     assert engine.scheduler.num_preemptions == MAX_OOM_RETRIES
@@ -340,7 +343,7 @@ def test_queue_timeout_outputs_survive_a_failing_step_and_started_n_requests_are
     engine = make_engine(hf_dir, max_num_seqs=1, max_queue_time_s=5.0, enable_prefix_caching=False)
     engine.add_request("n2", PROMPTS["c"], SamplingParams(temperature=0.0, max_tokens=4, n=2))
     engine.step()
-    for choice in engine._choices["n2"]:
+    for choice in engine.outputs.choices("n2"):
         choice.arrival_time -= 10
     outs = run(engine, {})
     assert [o[-1].finish_reason for o in outs.values()] == [FinishReason.LENGTH] * 2
@@ -369,7 +372,7 @@ def test_request_waiting_past_the_queue_bound_is_dropped_before_any_work(hf_dir,
     # A request that started is never dropped for its age, even when preempted back to the queue.
     engine.add_request("started", PROMPTS["e"], greedy(24))
     engine.step()
-    (started,) = engine._choices["started"]
+    (started,) = engine.outputs.choices("started")
     started.arrival_time -= 100  # as if it had been running for 100 s
     engine.scheduler.requeue([started])
     assert engine.scheduler.waiting[0] is started
