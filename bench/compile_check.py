@@ -44,12 +44,10 @@ from triton.runtime.driver import driver  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
+from model.backend import Routing  # noqa: E402
 from model.batch import BatchBuilder, SequenceChunk  # noqa: E402
-from model.kernels import fused_moe as moe_kernels  # noqa: E402
-from model.kernels import moe_configs  # noqa: E402
-from model.kernels import paged_attention as attention_kernels  # noqa: E402
-from model.moe import Routing  # noqa: E402
 from model.quant import WeightQuant, quantize_rows  # noqa: E402
+from model.triton_backend import fused_moe, moe_configs, paged_attention  # noqa: E402
 
 # Shared memory one block may use (opt-in maximum), per compute capability major.minor.
 MAX_SHARED = {90: 227 * 1024, 89: 99 * 1024, 86: 99 * 1024, 80: 163 * 1024}
@@ -125,7 +123,7 @@ def record_moe(rec: Recorder, arch: int, quick: bool) -> None:
                 x = torch.randn(n, HIDDEN, dtype=torch.bfloat16)
                 ids = torch.randint(0, EXPERTS, (n, TOP_K))
                 routing = Routing(ids, torch.full((n, TOP_K), 0.5))
-                moe_kernels.fused_moe(
+                fused_moe.fused_moe(
                     x, routing, weights[0], weights[2], weights[1], weights[3], moe_configs.TileConfig(*row)
                 )
 
@@ -135,19 +133,19 @@ def record_attention(rec: Recorder, quick: bool) -> None:
     q = torch.zeros(40, HEADS, HEAD_DIM, dtype=torch.bfloat16)
     rec.label = "KV write"
     k = torch.zeros(40, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
-    attention_kernels.write_kv(cache, k, k, torch.arange(40))
+    paged_attention.write_kv(cache, k, k, torch.arange(40))
     for splits in (1, 32) if quick else (1, 2, 4, 8, 16, 32):
         rec.label = f"decode attention, {splits} split(s)"
         tables, lens = torch.zeros(16, 32, dtype=torch.int64), torch.full((16,), 300)
-        attention_kernels.decode_attention(q[:16], cache, tables, lens, 0.1, num_splits=splits)
+        paged_attention.decode_attention(q[:16], cache, tables, lens, 0.1, num_splits=splits)
     # Block tables as wide as the runner makes them for Mixtral's 32k context (2,048 blocks).
     builder = BatchBuilder(64, 16, 32768 // BLOCK, BLOCK, torch.device("cpu"))
     rec.label = "prefill attention (+ 8 decodes)"
     chunks = [SequenceChunk([7], 20, [0, 1])] * 8 + [SequenceChunk([7] * 32, 16, [2, 3, 4])]
-    attention_kernels.paged_attention(q, cache, builder.build(chunks).attn, 0.1)
+    paged_attention.paged_attention(q, cache, builder.build(chunks).attn, 0.1)
     rec.label = "prefill attention"
     meta = builder.build([SequenceChunk([7] * 32, 16, [2, 3, 4])]).attn
-    attention_kernels.paged_attention(q[:32], cache, meta, 0.1)
+    paged_attention.paged_attention(q[:32], cache, meta, 0.1)
 
 
 def cubin_resources(cubin: bytes) -> dict[str, int]:
@@ -179,15 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     saved_driver, saved_hook = driver._active, knobs.runtime.jit_cache_hook
     driver.set_active(OfflineDriver(target))
     knobs.runtime.jit_cache_hook = rec.hook
-    real_sms, real_block_m = attention_kernels.sm_count, attention_kernels.prefill_block_m
-    attention_kernels.sm_count = lambda device: 132  # what the kernels see on an H100
-    attention_kernels.prefill_block_m = lambda device: 64
+    real_sms, real_block_m = paged_attention.sm_count, paged_attention.prefill_block_m
+    paged_attention.sm_count = lambda device: 132  # what the kernels see on an H100
+    paged_attention.prefill_block_m = lambda device: 64
     try:
         record_moe(rec, args.arch, args.quick)
         record_attention(rec, args.quick)
     finally:
         driver._active, knobs.runtime.jit_cache_hook = saved_driver, saved_hook
-        attention_kernels.sm_count, attention_kernels.prefill_block_m = real_sms, real_block_m
+        paged_attention.sm_count, paged_attention.prefill_block_m = real_sms, real_block_m
         for launch in rec.launches.values():  # their per-device caches hold the stand-in target
             launch.kernel.device_caches.clear()
 

@@ -36,16 +36,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
+from model.backend import ExpertWeights  # noqa: E402
 from model.batch import AttentionMetadata, BatchBuilder, SequenceChunk  # noqa: E402
 from model.config import ModelConfig, MoEConfig  # noqa: E402
 from model.cuda_graphs import DecodeGraphs  # noqa: E402
-from model.kernels import paged_attention as triton_attention  # noqa: E402
-from model.kernels.moe_configs import tuned_table  # noqa: E402
 from model.mixtral import MixtralModel, allocate_kv_cache  # noqa: E402
-from model.moe import ExpertWeights, grouped_experts, route  # noqa: E402
-from model.ops import TORCH_KERNELS, TritonKernels  # noqa: E402
-from model.paged_attention import decode_attention as torch_decode_attention  # noqa: E402
+from model.moe import route  # noqa: E402
 from model.quant import WeightQuant, quantize_rows, resolve_quant  # noqa: E402
+from model.torch_backend.attention import decode_attention as torch_decode_attention  # noqa: E402
+from model.torch_backend.kernels import TORCH_KERNELS  # noqa: E402
+from model.torch_backend.moe import routed_experts  # noqa: E402
+from model.triton_backend import paged_attention  # noqa: E402
+from model.triton_backend.kernels import TritonKernels  # noqa: E402
+from model.triton_backend.moe_configs import tuned_table  # noqa: E402
 
 BLOCK = 16
 GB = 1e9
@@ -212,7 +215,7 @@ def long_context_attention(
     dtype = torch.bfloat16
     cache = torch.randn(2, max(batches) * blocks, BLOCK, kv_heads, head_dim, device=device, dtype=dtype)
     scale = head_dim**-0.5
-    sms = triton_attention.sm_count(device)
+    sms = paged_attention.sm_count(device)
     print(f"decode attention alone, {context}-token contexts (bf16):")
     print("  | batch | splits | ms | bytes to read | of bandwidth ceiling |")
     rows = []
@@ -220,10 +223,10 @@ def long_context_attention(
         tables = torch.arange(batch * blocks, device=device).view(batch, blocks)
         lens = torch.full((batch,), context, device=device)
         q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
-        auto = 4 if smoke else triton_attention.decode_splits(batch, kv_heads, blocks, sms)
+        auto = 4 if smoke else paged_attention.decode_splits(batch, kv_heads, blocks, sms)
 
         def attend(splits: int, q=q, tables=tables, lens=lens) -> torch.Tensor:
-            return triton_attention.decode_attention(
+            return paged_attention.decode_attention(
                 q, cache, tables, lens, scale, upcast=smoke, num_splits=splits
             )
 
@@ -396,7 +399,7 @@ def check_kernels(model, kv, builder, plan, triton_kernels, check: Check, device
         *((f" {s.value}", quantized(w, s)) for s in (WeightQuant.INT8, WeightQuant.FP8)),
     ]:
         for x, routing in inputs:
-            ref = grouped_experts(x, routing, cfg.moe.num_experts, weights.expert)
+            ref = routed_experts(x, routing, weights)
             err = rel_err(triton_kernels.moe(x, routing, weights), ref)
             check(f"fused MoE{label}, {x.shape[0]} tokens", err, 2e-2)
         del weights

@@ -1,4 +1,4 @@
-"""Tune the fused MoE kernel's tiles on the GPU at hand; prints a table for model/kernels/moe_configs.py.
+"""Tune the fused MoE kernel's tiles on the GPU at hand; prints rows for model/triton_backend/moe_configs.py.
 
     python3 bench/tune_moe.py                          # Mixtral 8x7B experts, bf16, M = 1 .. 4096
     python3 bench/tune_moe.py --tokens 1 32 --budget 60
@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 from bench.gpu_check import Timer  # noqa: E402
-from model.kernels.fused_moe import fused_moe  # noqa: E402
-from model.kernels.moe_configs import TileConfig, moe_tile_config  # noqa: E402
 from model.moe import route  # noqa: E402
+from model.triton_backend.fused_moe import fused_moe  # noqa: E402
+from model.triton_backend.moe_configs import TileConfig, moe_tile_config  # noqa: E402
 
 MIXTRAL = (8, 4096, 14336, 2)  # experts, hidden, expert FFN, top-k
 SMOKE = (8, 64, 96, 2)

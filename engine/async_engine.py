@@ -19,7 +19,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from engine.errors import EngineDeadError, EngineNotReadyError, QueueTimeoutError
@@ -115,7 +115,7 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         context_ids: Sequence[int] = (),
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of every choice of the request as they are produced; ends when all finished.
 
         Raises `RequestRejected` before any work for a request that can never be served,
@@ -215,6 +215,6 @@ class AsyncEngine:
                     self._queues[rid].put_nowait(exc)
             return
         for out in payload:
-            q = self._queues.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
+            waiting = self._queues.get(out.request_id)
+            if waiting is not None:
+                waiting.put_nowait(out)

@@ -75,7 +75,7 @@ class EngineConfig:
     max_num_seqs: int = _ARGS.max_num_seqs
     max_num_batched_tokens: int = _ARGS.max_num_batched_tokens
     enable_prefix_caching: bool = _ARGS.enable_prefix_caching
-    pack_cpu_weights: bool = True  # oneDNN-prepacked GEMM weights on CPU (model.packed_linear)
+    pack_cpu_weights: bool = True  # oneDNN-prepacked GEMM weights on CPU (model.torch_backend.packed)
     kernels: KernelChoice = _ARGS.kernels
     cuda_graph_max_batch: int = _ARGS.cuda_graph_max_batch
     max_queue_time_s: float = _ARGS.max_queue_time_s  # 0: no bound

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.config import EngineConfig
-from engine.errors import RequestRejected
+from engine.errors import ErrorCode, RequestRejected
 from engine.fault_policy import FaultPolicy
 from engine.output_processor import OutputProcessor, TextDecoder
 from engine.outputs import RequestOutput, StepHistogram
@@ -159,7 +159,9 @@ class Engine:
 
     def _fail(self, req: Request, exc: BaseException) -> RequestOutput:
         self.scheduler.finish(req, FinishReason.ERROR)
-        code = "out_of_memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else "internal_error"
+        code: ErrorCode = (
+            "out_of_memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else "internal_error"
+        )
         out = self.outputs.output(
             req, (), "", (), error=f"{type(exc).__name__}: {exc}"[:500], error_code=code
         )

@@ -191,7 +191,7 @@ def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow], index: 
 def _mask_stop_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], index: list[int]) -> None:
     """Set eos and stop_token_ids to -inf in place for rows short of min_tokens (even with ignore_eos)."""
     vocab = logits.shape[1]
-    entries = []
+    entries: list[tuple[int, int]] = []
     for i in index:
         row = rows[i]
         stops = (*row.params.stop_token_ids, *(() if row.eos_token_id is None else (row.eos_token_id,)))

@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.backend import Kernels
 from model.batch import AttentionMetadata
 from model.config import ModelConfig
 from model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from model.moe import FeedForward
-from model.ops import TORCH_KERNELS, Kernels
-from model.packed_linear import PackedLinear, packing_supported
 from model.quant import WeightQuant
+from model.torch_backend.kernels import TORCH_KERNELS
+from model.torch_backend.packed import PackedLinear, packing_supported
 
 
 class Attention(nn.Module):
@@ -128,7 +129,7 @@ class MixtralModel(nn.Module):
             layer.ffn.quantize_(scheme)
 
     def pack_for_cpu(self) -> bool:
-        """Prepack every GEMM weight for oneDNN (see `model.packed_linear`); one-way, CPU only.
+        """Prepack every GEMM weight for oneDNN (see `model.torch_backend.packed`); one-way, CPU only.
 
         Returns False (and changes nothing) where packing is unavailable.
         """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from engine.errors import EngineDeadError
@@ -34,7 +34,7 @@ class EngineClient(Protocol):
         params: SamplingParams,
         request_id: str,
         context_ids: Sequence[int] = (),
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Every choice's outputs as they come; leaving the iteration early aborts the request."""
         ...
 

@@ -8,7 +8,7 @@ bad field never makes a huge response, and nothing internal (tracebacks, paths) 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -157,26 +157,26 @@ INTERNAL_ERROR_BODY = error_body("Internal server error", InternalError.type, No
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
-def field_path(loc: list) -> str:
+def field_path(loc: Sequence[Any]) -> str:
     """`messages.0.content` as a client names it, without union members: `stop`, not `stop.str`."""
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
 
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
-    detail = [
+    detail: list[dict[str, Any]] = [
         {"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:200]}
         for e in exc.errors()[:10]
     ]
     fields = [e["loc"][1] for e in detail if len(e["loc"]) > 1 and e["loc"][0] == "body"]
     first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
-    param = field_path(first["loc"][1:]) or None
+    param: str | None = field_path(first["loc"][1:]) or None
     unparsable = any(e["type"] == "json_invalid" or e["loc"] == ["body"] for e in detail)
     status = 400 if unparsable or (fields and all(f in SCALAR_PARAMS for f in fields)) else 422
     message = f"{param or 'body'}: {first['msg']}"
     if first.get("type") == "json_invalid":  # its loc is the byte offset, not a field
         param, message = None, "Request body is not valid JSON"
     elif first.get("type") == INVALID_UNICODE:  # found by the model, which names the field
-        param, message = exc.errors()[0]["ctx"]["param"], first["msg"]
+        param, message = str(exc.errors()[0]["ctx"]["param"]), str(first["msg"])
     body = error_body(message, "invalid_request_error", param, "invalid_value")
     body["detail"] = detail
     return JSONResponse(body, status)

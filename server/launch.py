@@ -13,12 +13,16 @@ import contextlib
 import logging
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from engine.async_engine import AsyncEngine
 from engine.factory import EngineInfo, build_engine
+from engine.llm_engine import Engine
 from server.app import create_app
 from server.metrics import MeteredEngine, Metrics
 from server.settings import DEFAULT_MODEL, DEMO_MODELS, READY_LINE, ServerSettings
@@ -91,7 +95,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout_s = drain_timeout_s
         self._draining: asyncio.Task | None = None
 
-    def handle_exit(self, sig: int, frame) -> None:  # called by uvicorn's signal handler
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # called by uvicorn's signal handler
         if self._draining is not None:  # a second signal: stop now
             return super().handle_exit(sig, frame)
         self.state.shutting_down = True
@@ -105,13 +109,13 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def build_app(settings: ServerSettings):
+def build_app(settings: ServerSettings) -> tuple[FastAPI, AppState]:
     model_dir, description = resolve_model(settings)
     encoder = load_prompt_encoder(model_dir)  # before the weights: a missing tokenizer fails fast
     args = settings.engine_args()
     info: dict[str, EngineInfo] = {}
 
-    def build():
+    def build() -> Engine:
         engine, info["engine"] = build_engine(model_dir, args, encoder, ProgressBar())
         return engine
 
@@ -139,7 +143,7 @@ def build_app(settings: ServerSettings):
         state.stop_server()
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app):
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         logger.info("loading %s; until it is ready, requests get 503 not_ready", model_dir)
         watcher = asyncio.create_task(ready())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from engine.sampling_params import MAX_LOGIT_BIAS, InvalidSamplingParams, SamplingParams
 from server.errors import BadRequest
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -91,7 +93,7 @@ def completion_sampling_params(req: CompletionRequest, prompt_len: int, model: S
     )
 
 
-def _build(**fields) -> SamplingParams:
+def _build(**fields: Any) -> SamplingParams:
     try:
         return SamplingParams(**fields)
     except InvalidSamplingParams as exc:

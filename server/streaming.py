@@ -177,7 +177,7 @@ class Generation:
         await asyncio.gather(*self._next, return_exceptions=True)
         self._next.clear()
         for outputs in self._outputs:
-            await outputs.aclose()  # type: ignore[attr-defined]  (an async generator)
+            await outputs.aclose()
 
     def _await_next(self, prompts: Iterable[int]) -> None:
         for k in prompts:
@@ -221,8 +221,8 @@ async def stream_events(
     generation: Generation, fmt: StreamFormat, include_usage: bool, request_id: str
 ) -> AsyncIterator[str]:
     """The `data:` payloads of a started generation, ending with `[DONE]`."""
-    for chunk in fmt.opening():
-        yield chunk
+    for opening in fmt.opening():
+        yield opening
     try:
         async for delta in generation.deltas():
             last = not generation.unfinished and not include_usage

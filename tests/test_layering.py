@@ -38,3 +38,73 @@ def test_the_server_app_and_tokenization_load_no_torch():
     """The HTTP face is torch-free: the engine (and torch) is injected by the CLI."""
     code = "import sys, server.app, tokenization; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+PACKAGES = ("server", "engine", "model", "tokenization")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the product modules it imports: at the top, in functions, under TYPE_CHECKING."""
+    paths = {module_name(p): p for top in PACKAGES for p in (ROOT / top).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from a.b import c` imports the module a.b.c when there is one, else a.b
+                targets = [
+                    f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in paths
+                ]
+                targets = targets or [node.module]
+            else:
+                continue
+            edges |= {t for t in targets if t in paths and t != name}
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node], _ = 1, path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node], _ = 2, path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 50 and graph["server.app"]  # the graph is really built
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_no_product_module_over_400_lines():
+    sizes = {
+        module_name(p): len(p.read_text().splitlines())
+        for top in PACKAGES
+        for p in (ROOT / top).rglob("*.py")
+    }
+    assert {m: n for m, n in sizes.items() if n > 400} == {}
+    assert sizes["engine.llm_engine"] < 250

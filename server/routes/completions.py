@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, NamedTuple
+from typing import Annotated, NamedTuple, cast
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
@@ -47,9 +47,17 @@ class TextPrompt:
     params: SamplingParams
 
 
+def _prompt_items(raw: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a request: one text, one list of ids, or a list of either."""
+    if isinstance(raw, str):
+        return [raw]
+    if raw and isinstance(raw[0], int):
+        return [raw]  # one list of ids
+    return list(cast(list[str | list[int]], raw))
+
+
 def _encode(req: CompletionRequest, model: ServedModel) -> list[tuple[str, list[int]]]:
-    raw = req.prompt
-    items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+    items = _prompt_items(req.prompt)
     if not 0 < len(items) <= MAX_PROMPTS or [] in items:
         raise BadRequest(f"prompt: give 1 to {MAX_PROMPTS} prompts, none an empty id list", param="prompt")
     out = []
@@ -126,8 +134,8 @@ def choice_logprobs(
     p: TextPrompt,
     model: ServedModel,
     head: str,
-    prompt_lps,
-    out_lps,
+    prompt_lps: Sequence[Logprob | None] | None,
+    out_lps: Sequence[Logprob],
     text: str,
     base: int,
 ) -> CompletionLogprobs | None:

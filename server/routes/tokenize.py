@@ -43,6 +43,7 @@ async def tokenize(req: TokenizeRequest, state: Annotated[AppState, Depends(get_
             messages = with_safe_prompt(messages)
         ids = await asyncio.to_thread(model.encoder.encode_chat, messages)
     else:
+        assert req.prompt is not None  # exactly one of the two, checked above
         ids = await asyncio.to_thread(model.encoder.encode_text, req.prompt, req.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 

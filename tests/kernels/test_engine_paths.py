@@ -8,9 +8,9 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import Engine
 from model.cuda_graphs import DecodeGraphs
-from model.kernels import paged_attention as paged_kernels
 from model.loader import load_model
 from model.ops import select_kernels
+from model.triton_backend import paged_attention
 from tests.engine.helpers import EOS, greedy, run, tokens
 from tests.kernels.conftest import DEVICE, FP32_TOL
 from tests.model.paged import PagedHarness
@@ -78,10 +78,12 @@ def test_decode_graph_buffers_and_padding_keep_tokens_equal(hf_dir, monkeypatch,
     torch path's. A padding row that wrote its KV (slot 0) or read a stale block would change them.
     split-kv: decode attention sized as for an H100 (132 SMs), one block per split."""
     if split_kv:
-        monkeypatch.setattr(paged_kernels, "sm_count", lambda device: 132)
-        monkeypatch.setattr(paged_kernels, "MIN_BLOCKS_PER_SPLIT", 1)
+        monkeypatch.setattr(paged_attention, "sm_count", lambda device: 132)
+        monkeypatch.setattr(paged_attention, "MIN_BLOCKS_PER_SPLIT", 1)
         launches = []
-        monkeypatch.setattr(paged_kernels, "_decode_kernel", counted(paged_kernels._decode_kernel, launches))
+        monkeypatch.setattr(
+            paged_attention, "_decode_kernel", counted(paged_attention._decode_kernel, launches)
+        )
     triton_engine = engine(hf_dir, "triton")
     runner = triton_engine.runner
     graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.config.max_blocks_per_seq, [2, 4, 8], False)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.kernels.fused_moe import fused_moe
-from model.kernels.moe_configs import TileConfig
-from model.moe import ExpertWeights, Routing, grouped_experts, grouped_swiglu, route
+from model.backend import ExpertWeights, Routing
+from model.moe import route
 from model.quant import WeightQuant, quantize_rows
+from model.torch_backend.moe import grouped_swiglu, routed_experts
+from model.triton_backend.fused_moe import fused_moe
+from model.triton_backend.moe_configs import TileConfig
 from tests.kernels.conftest import DEVICE, FP32_TOL, UPCAST
 
 E, D, F = 4, 80, 96  # D = 80: the K loop ends on a partial tile for every BLOCK_K tried
@@ -84,7 +86,7 @@ def test_8_bit_weights_match_the_torch_path(scheme, dtype):
     routing = route(torch.randn(19, E, device=DEVICE), 2)
     out = fused_moe(x, routing, q13, q2, s13, s2, config=TileConfig(16, 32, 32), upcast=UPCAST)
     # The torch path on the same 8-bit weights in fp32: the kernel computes the same product.
-    ref_q = grouped_experts(x.float(), routing, E, ExpertWeights(q13, q2, s13, s2).expert)
+    ref_q = routed_experts(x.float(), routing, ExpertWeights(q13, q2, s13, s2))
     eps = torch.finfo(dtype).eps
     assert ((out.float() - ref_q).norm() / ref_q.norm()) < max(8 * eps, FP32_TOL["rtol"])
     # And against the 16-bit weights, within the quantization error (see tests/model/test_quant.py).

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.moe import FeedForward, Routing, align_to_experts, grouped_swiglu, route
+from model.backend import Routing, align_to_experts
+from model.moe import FeedForward, route
+from model.torch_backend.moe import grouped_swiglu
 
 D, FF, E, A = 32, 48, 8, 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.kernels.moe_configs import (
+from model.triton_backend.moe_configs import (
     ACCUMULATOR_REGISTERS,
     SHARED_MEMORY_BUDGET,
     TUNED,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.backend import ExpertWeights
 from model.loader import load_model
-from model.moe import ExpertWeights, FeedForward, grouped_experts, grouped_swiglu, route
+from model.moe import FeedForward, route
 from model.quant import WeightQuant, dequantize_rows, quantize_rows, quantized_linear, resolve_quant
+from model.torch_backend.moe import grouped_swiglu, routed_experts
 from tests.model.paged import PagedHarness
 from tests.model.test_against_transformers import PROMPTS
 
@@ -51,7 +53,7 @@ def test_quantized_moe_error_is_small_against_16_bit(scheme):
     w13, w2 = torch.randn(4, 192, 64) * 0.1, torch.randn(4, 64, 96) * 0.1
     routing = route(torch.randn(24, 4), 2)
     (q13, s13), (q2, s2) = quantize_rows(w13, scheme), quantize_rows(w2, scheme)
-    out = grouped_experts(x, routing, 4, ExpertWeights(q13, q2, s13, s2).expert)
+    out = routed_experts(x, routing, ExpertWeights(q13, q2, s13, s2))
     ref = grouped_swiglu(x, routing, w13, w2)
     # Per weight, the rms rounding error of gaussian rows is ~0.8% (int8: step amax/127, amax ~3.5
     # sigma) or ~3% (e4m3: relative step 2^-3); through two GEMMs it grows by about sqrt(2).

@@ -1,6 +1,6 @@
 """Paged attention in Triton: the KV write, decode (one query per sequence) and prefill chunks.
 
-Same cache layout and semantics as the torch path (`model.paged_attention`): one layer's cache is
+Same cache layout and semantics as the torch path (`model.torch_backend.attention`): one layer's cache is
 `[2, N, B, K, Dh]`, keys and values of a token at its slot (block * B + offset); a query at
 position p of a sequence sees keys 0 .. p. Both attention kernels walk a sequence's block table
 one cache block at a time with an online softmax (fp32 statistics), so no gathered copy of the

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from model.kernels.moe_configs import TileConfig, launch_tiles, moe_tile_config
-from model.moe import MoEDispatch, Routing, align_to_experts
+from model.backend import MoEDispatch, Routing, align_to_experts
+from model.triton_backend.moe_configs import TileConfig, launch_tiles, moe_tile_config
 
 
 @triton.jit

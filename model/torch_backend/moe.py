@@ -1,0 +1,72 @@
+"""The routed experts on the torch path: one GEMM per expert's segment of the sorted pairs.
+
+No padding is needed here: the pairs are sorted by expert (`sort_pairs_by_expert`, the first
+half of the dispatch contract), the expert counts are read on the host (a sync this path may
+make), and each non-empty segment runs its expert. An expert is a SwiGLU over 16-bit, 8-bit or
+oneDNN-prepacked weights.
+
+Shape legend: T tokens, A active experts per token, P = T * A pairs, D hidden, F expert FFN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from model.backend import ExpertWeights, Routing, sort_pairs_by_expert
+from model.quant import quantized_linear
+from model.torch_backend.packed import packed_linear
+
+# (expert index, its tokens [n, D]) -> that expert's output [n, D]
+ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU FFN: x [n, D], w13 [2F, D] (gate; up), w2 [D, F] -> [n, D]."""
+    return F.linear(silu_and_mul(F.linear(x, w13)), w2)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[n, 2F] (gate; up) -> silu(gate) * up [n, F]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+def grouped_experts(x: torch.Tensor, routing: Routing, num_experts: int, expert: ExpertFn) -> torch.Tensor:
+    """Torch-path MoE: one GEMM per expert segment, weighted scatter-add back to tokens; x [T, D]."""
+    top_k = routing.topk_ids.shape[1]
+    pair_ids, counts = sort_pairs_by_expert(routing.topk_ids, num_experts)  # [P], [E]
+    token_ids = pair_ids // top_k  # [P]
+    xs = x.index_select(0, token_ids)  # [P, D]
+    ys = torch.empty_like(xs)  # [P, D]
+    start = 0
+    for e, count in enumerate(counts.tolist()):  # host sync: torch path only
+        if count:
+            ys[start : start + count] = expert(e, xs[start : start + count])
+            start += count
+    pair_weights = routing.topk_weights.flatten().index_select(0, pair_ids)  # [P] fp32
+    ys = (ys * pair_weights[:, None]).to(x.dtype)  # [P, D]
+    return torch.zeros_like(x).index_add_(0, token_ids, ys)
+
+
+def grouped_swiglu(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """`grouped_experts` over stacked weights w13 [E, 2F, D], w2 [E, D, F]; x [T, D] -> [T, D]."""
+    return grouped_experts(x, routing, w13.shape[0], lambda e, xs: swiglu(xs, w13[e], w2[e]))
+
+
+def expert_forward(weights: ExpertWeights, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e's SwiGLU on x [n, D]."""
+    if weights.packed is not None:
+        w13, w2 = weights.packed[e]
+        return packed_linear(silu_and_mul(packed_linear(x, w13)), w2)
+    if weights.w13_scale is None or weights.w2_scale is None:
+        return swiglu(x, weights.w13[e], weights.w2[e])
+    h = silu_and_mul(quantized_linear(x, weights.w13[e], weights.w13_scale[e]))
+    return quantized_linear(h, weights.w2[e], weights.w2_scale[e])
+
+
+def routed_experts(x: torch.Tensor, routing: Routing, weights: ExpertWeights) -> torch.Tensor:
+    """The routed experts' weighted sum for x [T, D]: `grouped_experts` over `weights`."""
+    return grouped_experts(x, routing, weights.num_experts, lambda e, xs: expert_forward(weights, e, xs))
