@@ -30,7 +30,7 @@ from bench.serve import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Run inside a tree (cwd and sys.path[0]), so each measures its own code with the same bench scripts.
+# Run inside a tree (cwd and sys.path[0]): each measures its own code, with its own bench scripts.
 ENGINE_RUN = """
 import json, sys
 from pathlib import Path

@@ -63,11 +63,9 @@ def conversations() -> list[list[ChatMessage]]:
 def make_engine(model_dir: Path, dtype: str, settings: dict) -> Engine:
     model = load_model(model_dir, dtype=dtype)
     encoder = load_prompt_encoder(model_dir)
-    config = EngineConfig(
-        **{"max_model_len": 2048, "num_kv_blocks": 1024, "block_size": 16, "max_num_seqs": 16}
-        | {"enable_prefix_caching": False}
-        | settings
-    )
+    # No queue bound: a slow run must not drop a request it compares.
+    fixed = {"max_model_len": 2048, "num_kv_blocks": 1024, "block_size": 16, "max_num_seqs": 16}
+    config = EngineConfig(**fixed | {"enable_prefix_caching": False, "max_queue_time_s": 0} | settings)
     return Engine(model, config, encoder, eos_token_id=encoder.eos_id)
 
 

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.options import DType, KernelChoice, Quantization
+from model.options import DType, KernelChoice, Quantization, choices
 
 # The KV pool on a CPU, where there is no device memory to size it from.
 CPU_KV_CACHE_GB = 1.0
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def _check_runtime(cuda_graph_max_batch: int, max_queue_time_s: float) -> None:
@@ -49,6 +54,10 @@ class EngineArgs:
     seed: int = 0  # of the sampler, for requests without a seed of their own
 
     def __post_init__(self) -> None:
+        if self.dtype is not None:
+            _check_choice("dtype", self.dtype, choices(DType))
+        _check_choice("quantization", self.quantization, choices(Quantization))
+        _check_choice("kernels", self.kernels, choices(KernelChoice))
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -81,6 +90,7 @@ class EngineConfig:
     max_queue_time_s: float = _ARGS.max_queue_time_s  # 0: no bound
 
     def __post_init__(self) -> None:
+        _check_choice("kernels", self.kernels, choices(KernelChoice))
         _check_runtime(self.cuda_graph_max_batch, self.max_queue_time_s)
         _check_positive(
             self, ("max_model_len", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens")

@@ -56,11 +56,10 @@ def build_engine(
     """
     start = time.monotonic()
     check_memory(model_dir, args)
+    if probe is None and args.device.startswith("cuda") and args.kv_cache_memory_gb is None:
+        probe = CudaMemory(torch.device(args.device))  # before the weights: what is ours is what grows
     model = load_model(model_dir, args.dtype, args.device, args.max_model_len, progress, args.quantization)
-    device = model.embed_tokens.weight.device
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # before CPU packing
-    if probe is None and device.type == "cuda":
-        probe = CudaMemory(device)
     kv_bytes = kv_cache_budget(model, args, probe)
     dtype = model.embed_tokens.weight.dtype
     per_block = kv_cache_bytes_per_token(model.config, dtype) * args.block_size
@@ -105,12 +104,16 @@ def kv_cache_budget(model: MixtralModel, args: EngineArgs, probe: MemoryProbe | 
 
 def largest_step_peak_bytes(model: MixtralModel, args: EngineArgs, probe: MemoryProbe) -> int:
     """Memory in use at the peak of a forward of the largest step the scheduler may build
-    (`max_num_batched_tokens` prompt tokens over `max_num_seqs` sequences, then their logits),
-    on the kernels the engine will use, less the small KV pool that forward needed."""
+    (`max_num_batched_tokens` prompt tokens over `max_num_seqs` sequences, none longer than the
+    context), on the kernels the engine will use, then the logits of every token with their
+    log-softmax (what a request for prompt logprobs costs), less the small KV pool that forward
+    needed. Not counted: the memory of the CUDA graphs captured later (decode shapes, small
+    next to the prefill's), which the share left out of `gpu_memory_utilization` covers."""
     device = model.embed_tokens.weight.device
     model.use_kernels(select_kernels(args.kernels, device))
-    tokens = max(args.max_num_batched_tokens, args.max_num_seqs)
-    seqs = min(args.max_num_seqs, tokens)
+    longest = context_length(args.max_model_len, model.config.max_position_embeddings)
+    seqs = min(args.max_num_seqs, max(args.max_num_batched_tokens, args.max_num_seqs))
+    tokens = min(max(args.max_num_batched_tokens, args.max_num_seqs), seqs * longest)
     lengths = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
     blocks_per_seq = -(-max(lengths) // args.block_size)
     builder = BatchBuilder(tokens, seqs, blocks_per_seq, args.block_size, device)
@@ -124,7 +127,7 @@ def largest_step_peak_bytes(model: MixtralModel, args: EngineArgs, probe: Memory
     ]
     batch = builder.build(chunks)
     hidden = model(batch.input_ids, kv_cache, batch.attn)  # [T, D]
-    model.compute_logits(hidden.index_select(0, batch.logits_indices))  # [S, V], as the sampler does
+    torch.log_softmax(model.compute_logits(hidden), dim=-1)  # [T, V] fp32, as prompt logprobs do
     peak = probe.peak_bytes() - kv_cache.numel() * kv_cache.element_size()
     del kv_cache, hidden, batch
     if device.type == "cuda":

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -32,11 +33,19 @@ MAX_OOM_RETRIES = 2
 # halves the number of requests per step; clean steps after which a lowered cap doubles again.
 BATCH_FAULTS_BEFORE_SHRINK = 2
 STEPS_BEFORE_REGROW = 1000
-_NOTHING_RAN = SchedulerOutput((), ())
 
 
-def _nothing() -> RunnerOutput:
-    return RunnerOutput({}, {}, {})
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What a step's forward came to."""
+
+    ran: SchedulerOutput  # the part of the step that ran
+    run: RunnerOutput  # what it produced
+    failed: list[RequestOutput]  # outputs of the requests it failed
+
+
+def _nothing_ran(failed: list[RequestOutput]) -> StepResult:
+    return StepResult(SchedulerOutput((), ()), RunnerOutput({}, {}, {}), failed)
 
 
 class FaultPolicy:
@@ -46,7 +55,7 @@ class FaultPolicy:
         scheduler: Scheduler,
         config: EngineConfig,
         fail: Callable[[Request, BaseException], RequestOutput],
-        requeued: Callable[[list[Request]], None],
+        requeued: Callable[[Sequence[Request]], None],
     ) -> None:
         """`fail` ends a request with an error output; `requeued` is told of requests sent back
         to the queue (their prompt is computed again)."""
@@ -59,17 +68,14 @@ class FaultPolicy:
         self._batch_faults = 0  # consecutive retried steps in which every request ran alone
         self._clean_steps = 0  # steps run whole since the batch cap was last lowered
 
-    def execute(
-        self, sched: SchedulerOutput, alone: bool = False
-    ) -> tuple[SchedulerOutput, RunnerOutput, list[RequestOutput]]:
-        """Run the step's forward: (the part of the step that ran, what it produced, outputs of
-        the requests it failed)."""
+    def execute(self, sched: SchedulerOutput, alone: bool = False) -> StepResult:
+        """Run the step's forward, finding and dealing with a request that breaks it."""
         try:
             run = self.runner.execute(sched)
         except torch.cuda.OutOfMemoryError as exc:
             traceback.clear_frames(exc.__traceback__)  # let the failed step's tensors go
             if len(sched.chunks) == 1:
-                return _NOTHING_RAN, _nothing(), self._after_out_of_memory(sched.chunks[0], exc)
+                return _nothing_ran(self._after_out_of_memory(sched.chunks[0], exc))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             error: Exception = exc
@@ -77,38 +83,36 @@ class FaultPolicy:
             if len(sched.chunks) == 1:
                 request = sched.chunks[0].request
                 logger.exception("model step failed; failing request %s", request.request_id)
-                return _NOTHING_RAN, _nothing(), [self._fail(request, exc)]
+                return _nothing_ran([self._fail(request, exc)])
             traceback.clear_frames(exc.__traceback__)
             error = exc
         else:
             if not alone:  # a whole step ran
                 self._after_clean_step()
-            return sched, run, []
+            return StepResult(sched, run, [])
         return self._retry_alone(sched, error)
 
-    def _retry_alone(
-        self, sched: SchedulerOutput, error: Exception
-    ) -> tuple[SchedulerOutput, RunnerOutput, list[RequestOutput]]:
+    def _retry_alone(self, sched: SchedulerOutput, error: Exception) -> StepResult:
         self.num_retried_steps += 1
         logger.warning(
             "model step of %d requests failed (%s: %s); retrying each alone",
             len(sched.chunks), type(error).__name__, error,
         )  # fmt: skip
         ran: list[ScheduledChunk] = []
-        merged = _nothing()
+        merged = RunnerOutput({}, {}, {})
         failed: list[RequestOutput] = []
         for chunk in sched.chunks:
-            one, run, fails = self.execute(SchedulerOutput((chunk,), ()), alone=True)
-            ran += one.chunks
-            merged.sampled.update(run.sampled)
-            merged.logprobs.update(run.logprobs)
-            merged.prompt_logprobs.update(run.prompt_logprobs)
-            failed += fails
+            one = self.execute(SchedulerOutput((chunk,), ()), alone=True)
+            ran += one.ran.chunks
+            merged.sampled.update(one.run.sampled)
+            merged.logprobs.update(one.run.logprobs)
+            merged.prompt_logprobs.update(one.run.prompt_logprobs)
+            failed += one.failed
         if len(ran) == len(sched.chunks):  # each request ran alone: the batch broke the forward
             self._note_batch_fault(len(sched.chunks), error)
         else:
             self._batch_faults = 0
-        return SchedulerOutput(tuple(ran), sched.preempted), merged, failed
+        return StepResult(SchedulerOutput(tuple(ran), sched.preempted), merged, failed)
 
     def _note_batch_fault(self, size: int, error: Exception) -> None:
         """A forward of `size` requests failed, yet each of them ran alone. Once may be a passing

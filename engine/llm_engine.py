@@ -46,9 +46,9 @@ class Engine:
         self.eos_token_id = eos_token_id
         self.scheduler = Scheduler(config)
         self.runner = ModelRunner(model, config, seed)
-        self.outputs = OutputProcessor(decoder, self.scheduler.finish)
+        self.output_processor = OutputProcessor(decoder, self.scheduler.finish)
         self.faults = FaultPolicy(
-            self.runner, self.scheduler, config, self._fail, self.outputs.restart_prompt_logprobs
+            self.runner, self.scheduler, config, self._fail, self.output_processor.restart_prompt_logprobs
         )
         self.num_steps = 0
         self.batch_sizes = StepHistogram()  # sequences per step
@@ -89,7 +89,7 @@ class Engine:
     ) -> None:
         """Queue a request; `context_ids` seed detokenization (a `prefix` the reply continues)."""
         self.validate(prompt_ids, params)
-        if request_id in self.outputs:
+        if request_id in self.output_processor:
             raise RequestRejected(f"request id {request_id!r} is already in use", "duplicate_request_id")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         choices: list[Request] = []
@@ -102,13 +102,13 @@ class Engine:
             if i > 0 and self.config.enable_prefix_caching:
                 req.wait_for = choices[0]
             choices.append(req)
-        self.outputs.add(request_id, choices, context_ids)
+        self.output_processor.add(request_id, choices, context_ids)
         for req in choices:
             self.scheduler.add(req)
 
     def abort(self, request_id: str) -> None:
         """Stop a request's choices now; their KV blocks are free when this returns."""
-        for req in self.outputs.drop(request_id):
+        for req in self.output_processor.drop(request_id):
             self.scheduler.finish(req, FinishReason.ABORT)
             self.runner.release(req.request_id)
 
@@ -120,14 +120,14 @@ class Engine:
             return outputs
         self.num_steps += 1
         self.batch_sizes.observe(len(sched.chunks))
-        self.outputs.restart_prompt_logprobs(sched.preempted)
-        ran, run, failed = self.faults.execute(sched)
-        self.scheduler.update(ran, run.sampled)
-        outputs += failed
-        for chunk in ran.chunks:
+        self.output_processor.restart_prompt_logprobs(sched.preempted)
+        result = self.faults.execute(sched)
+        self.scheduler.update(result.ran, result.run.sampled)
+        outputs += result.failed
+        for chunk in result.ran.chunks:
             req = chunk.request
             try:
-                out = self.outputs.process(req, run)
+                out = self.output_processor.process(req, result.run)
             except Exception as exc:
                 logger.exception("post-processing request %s failed", req.request_id)
                 out = self._fail(req, exc)
@@ -143,7 +143,7 @@ class Engine:
         outputs = []
         now = time.monotonic()
         for late in self.scheduler.overdue(now, bound):
-            choices = self.outputs.choices(late.parent_id or late.request_id) or [late]
+            choices = self.output_processor.choices(late.parent_id or late.request_id) or [late]
             if any(c.first_scheduled_time is not None for c in choices):
                 continue  # a sibling has started: the request is being served
             for req in choices:
@@ -151,7 +151,7 @@ class Engine:
                     continue
                 self.scheduler.finish(req, FinishReason.QUEUE_TIMEOUT)
                 error = f"the request waited more than {bound:g} s for a slot and was not started"
-                out = self.outputs.output(req, (), "", (), error=error, error_code="queue_timeout")
+                out = self.output_processor.output(req, (), "", (), error=error, error_code="queue_timeout")
                 outputs.append(
                     dataclasses.replace(self._settled(req, out), queue_time=now - req.arrival_time)
                 )
@@ -162,7 +162,7 @@ class Engine:
         code: ErrorCode = (
             "out_of_memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else "internal_error"
         )
-        out = self.outputs.output(
+        out = self.output_processor.output(
             req, (), "", (), error=f"{type(exc).__name__}: {exc}"[:500], error_code=code
         )
         return self._settled(req, out)

@@ -13,6 +13,7 @@ from model.config import ModelConfig
 from model.quant import WeightQuant
 
 _GB = 1e9
+_GIB = 1024**3
 # Room kept for activations, MoE intermediates, logits and (on GPU) the CUDA context.
 _OVERHEAD_FRACTION = 0.08
 
@@ -84,7 +85,9 @@ class MemoryProbe(Protocol):
         """The device's memory, all of it."""
         ...
 
-    def reset_peak(self) -> None: ...
+    def reset_peak(self) -> None:
+        """Start measuring the peak anew."""
+        ...
 
     def peak_bytes(self) -> int:
         """The most memory in use since `reset_peak`: weights, activations and anything else resident."""
@@ -92,23 +95,30 @@ class MemoryProbe(Protocol):
 
 
 class CudaMemory:
-    """`MemoryProbe` of one CUDA device. Memory that torch's allocator does not hold (the CUDA
-    context, other libraries) counts as in use, as it is not available to the pool."""
+    """`MemoryProbe` of one CUDA device, made before the weights load. What this process holds
+    outside torch's allocator (libraries' workspaces) counts as in use; what was in use on the
+    device before (other processes, this one's CUDA context) does not: as vLLM does, the share of
+    the device is this server's own, and others on the card are theirs to size."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        free, total = torch.cuda.mem_get_info(device)
+        self.used_before = total - free
 
     def total_bytes(self) -> int:
+        """The device's memory."""
         return torch.cuda.mem_get_info(self.device)[1]
 
     def reset_peak(self) -> None:
+        """Start measuring the peak of torch's allocations anew."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_bytes(self) -> int:
+        """The peak of torch's allocations, and what grew outside them since this probe was made."""
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        outside_torch = (total - free - self.used_before) - torch.cuda.memory_reserved(self.device)
         return torch.cuda.max_memory_allocated(self.device) + max(outside_torch, 0)
 
 
@@ -119,8 +129,8 @@ def kv_pool_bytes(total_bytes: int, utilization: float, peak_bytes: int) -> int:
     if budget <= peak_bytes:
         raise InsufficientMemoryError(
             f"no room for a KV cache: the weights and a forward of the largest step take "
-            f"{peak_bytes / _GB:.1f} GB, and gpu_memory_utilization {utilization} of the device's "
-            f"{total_bytes / _GB:.1f} GB is {budget / _GB:.1f} GB. Raise gpu_memory_utilization, "
+            f"{peak_bytes / _GIB:.1f} GiB, and gpu_memory_utilization {utilization} of the device's "
+            f"{total_bytes / _GIB:.1f} GiB is {budget / _GIB:.1f} GiB. Raise gpu_memory_utilization, "
             "lower max_num_batched_tokens, or use 8-bit experts (quantization: 8bit)."
         )
     return budget - peak_bytes

@@ -61,6 +61,7 @@ class OutputProcessor:
         return [s.request for s in self._requests.get(request_id, [])]
 
     def sequence(self, sequence_id: str) -> SequenceState | None:
+        """The state of a sequence still tracked, by its own id (`request_id#i` for a choice i > 0)."""
         return self._sequences.get(sequence_id)
 
     def drop(self, request_id: str) -> list[Request]:

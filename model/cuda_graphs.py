@@ -6,7 +6,7 @@ is skipped) and length 0 (their attention reads nothing), so they touch no seque
 their outputs are dropped. The block-table buffer is as wide as the longest sequence allowed,
 which costs nothing: the attention kernel's loop bound is each row's length, read on the device.
 
-Only a forward without host syncs can be captured: the Triton kernels (`model.ops`), whose MoE
+Only a forward without host syncs can be captured: the Triton backend (`model.triton_backend`), whose MoE
 dispatch and attention launch shapes depend on the batch size alone. Graphs of all sizes share
 one memory pool; they are captured largest first, after a warm-up run that compiles the kernels.
 

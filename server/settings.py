@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from engine.config import EngineArgs
+from model.config import normalize_dtype_name
 from model.options import DType, KernelChoice, Quantization
 
 ENV_PREFIX = "MIXTRAL_"
@@ -45,6 +46,11 @@ def _split(value: Any) -> Any:
 StrList = Annotated[list[str], NoDecode, BeforeValidator(_split)]
 
 
+def _dtype(value: Any) -> Any:
+    """`bf16`, `torch.bfloat16`, ... as the name the engine takes (`bfloat16`)."""
+    return normalize_dtype_name(value) if isinstance(value, str) else value
+
+
 _ENGINE = EngineArgs()
 
 
@@ -64,7 +70,7 @@ class ServerSettings(BaseSettings):
     port: int = 8000
     api_key: StrList = Field(default_factory=list)
     # ---- the engine (engine.config.EngineArgs)
-    dtype: DType | None = _ENGINE.dtype
+    dtype: Annotated[DType | None, BeforeValidator(_dtype)] = _ENGINE.dtype  # bf16, fp16, ... too
     device: str = _ENGINE.device
     quantization: Quantization = _ENGINE.quantization
     kernels: KernelChoice = _ENGINE.kernels

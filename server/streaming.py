@@ -105,11 +105,12 @@ class Choice:
 class Generation:
     """The prompts of one request running in the engine, as deltas of their choices."""
 
-    def __init__(self, engine: EngineClient, request_id: str, prompts: Sequence[Prompt]) -> None:
+    def __init__(self, engine: EngineClient, prompts: Sequence[Prompt], request_ids: Sequence[str]) -> None:
+        """Each of `prompts` runs as the engine request of the same place in `request_ids`."""
         self.n = prompts[0].params.n
-        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{k}" for k in range(len(prompts))]
         self._outputs = [
-            engine.generate(p.ids, p.params, rid, p.context_ids) for rid, p in zip(ids, prompts, strict=True)
+            engine.generate(p.ids, p.params, rid, p.context_ids)
+            for rid, p in zip(request_ids, prompts, strict=True)
         ]
         self._next: dict[asyncio.Future, int] = {}  # each prompt's pending output -> the prompt
         self.prompt_tokens = sum(len(p.ids) for p in prompts)

@@ -1,6 +1,6 @@
 """Fused MoE in Triton: two grouped-GEMM launches over token-expert pairs sorted by expert.
 
-The dispatch is `model.moe.align_to_experts` (vLLM's `moe_align_block_size` contract): pairs
+The dispatch is `model.backend.align_to_experts` (vLLM's `moe_align_block_size` contract): pairs
 grouped by expert, each group padded to BLOCK_M, so every M-tile of the sorted pair list belongs
 to exactly one expert and one launch covers all experts.
 

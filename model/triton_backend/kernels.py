@@ -26,5 +26,7 @@ class TritonKernels:
         return paged_attention.paged_attention(q, kv_cache, meta, scale, upcast=self.upcast)
 
     def moe(self, x: torch.Tensor, routing: Routing, weights: ExpertWeights) -> torch.Tensor:
+        if weights.packed is not None:
+            raise ValueError("experts prepacked for the CPU (pack_for_cpu) run on the torch backend only")
         w = weights
         return fused_moe.fused_moe(x, routing, w.w13, w.w2, w.w13_scale, w.w2_scale, upcast=self.upcast)

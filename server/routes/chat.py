@@ -86,7 +86,7 @@ async def chat_completions(
     prefix = prefix_of(messages)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     prompt = Prompt(prompt_ids, params, context_ids(model, prompt_ids, prefix))
-    generation = Generation(state.engine, request_id, [prompt])
+    generation = Generation(state.engine, [prompt], [request_id])
     if req.stream:
         await generation.start(request)  # errors before the first token are plain HTTP errors
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -158,7 +158,8 @@ async def completions(
     model = state.resolve(req.model)
     prompts = await prompts_of(req, model)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(state.engine, rid, [Prompt(p.ids, p.params, p.ids) for p in prompts])
+    engine_ids = [f"{rid}-{k}" for k in range(len(prompts))]
+    generation = Generation(state.engine, [Prompt(p.ids, p.params, p.ids) for p in prompts], engine_ids)
     if req.stream:
         await generation.start(request)  # errors before the first token are plain HTTP errors
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

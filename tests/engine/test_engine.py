@@ -63,8 +63,8 @@ def test_prefix_cache_hit_skips_work_and_keeps_output(hf_dir, alone):
 def test_streamed_text_equals_decoding_all_tokens(hf_dir):
     engine = make_engine(hf_dir)
     outs = run(engine, {"x": (PROMPTS["b"], greedy(40))})[("x", 0)]
-    assert text(outs) == engine.outputs.decoder.decode(tokens(outs))
-    assert "\ufffd" not in text(outs) or "\ufffd" in engine.outputs.decoder.decode(tokens(outs))
+    assert text(outs) == engine.output_processor.decoder.decode(tokens(outs))
+    assert "\ufffd" not in text(outs) or "\ufffd" in engine.output_processor.decoder.decode(tokens(outs))
 
 
 def test_stop_string_across_tokens_ends_generation_and_is_not_in_output(hf_dir):
@@ -150,7 +150,7 @@ def test_logprobs_of_sampled_tokens_and_prompt(hf_dir, oracle):
 def test_failure_in_one_request_leaves_the_others_intact(hf_dir, alone):
     engine = make_engine(hf_dir)
     engine.add_request("bad", PROMPTS["c"], greedy(24))
-    state = engine.outputs.sequence("bad")
+    state = engine.output_processor.sequence("bad")
     real_add = state.detokenizer.add
 
     def explode(ids):
@@ -201,7 +201,8 @@ def test_forward_that_one_request_breaks_fails_that_request_only(hf_dir, alone):
     assert sum(raised for _, raised in calls) == 2  # the batch, then "bad" alone; never again
     assert engine.num_retried_steps == 1 and engine.scheduler.num_preemptions == 0
     assert (
-        "bad" not in engine.outputs and engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
+        "bad" not in engine.output_processor
+        and engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
     )
 
 
@@ -280,7 +281,7 @@ def test_request_that_keeps_running_out_of_memory_fails_and_others_go_on(hf_dir,
     assert d[-1].finish_reason is FinishReason.ERROR and d[-1].error_code == "out_of_memory"
     assert "OutOfMemoryError" in d[-1].error
     assert ooms.count(1) == MAX_OOM_RETRIES + 1  # retried twice alone, failed on the third
-    assert not any(rid in engine.outputs for rid in "abcde") and not engine.has_work
+    assert not any(rid in engine.output_processor for rid in "abcde") and not engine.has_work
     for rid in ("a", "b", "c", "e"):  # never requeued, never blamed
         assert tokens(outs[(rid, 0)]) == alone[rid]
     assert engine.scheduler.num_preemptions == MAX_OOM_RETRIES
@@ -343,7 +344,7 @@ def test_queue_timeout_outputs_survive_a_failing_step_and_started_n_requests_are
     engine = make_engine(hf_dir, max_num_seqs=1, max_queue_time_s=5.0, enable_prefix_caching=False)
     engine.add_request("n2", PROMPTS["c"], SamplingParams(temperature=0.0, max_tokens=4, n=2))
     engine.step()
-    for choice in engine.outputs.choices("n2"):
+    for choice in engine.output_processor.choices("n2"):
         choice.arrival_time -= 10
     outs = run(engine, {})
     assert [o[-1].finish_reason for o in outs.values()] == [FinishReason.LENGTH] * 2
@@ -372,7 +373,7 @@ def test_request_waiting_past_the_queue_bound_is_dropped_before_any_work(hf_dir,
     # A request that started is never dropped for its age, even when preempted back to the queue.
     engine.add_request("started", PROMPTS["e"], greedy(24))
     engine.step()
-    (started,) = engine.outputs.choices("started")
+    (started,) = engine.output_processor.choices("started")
     started.arrival_time -= 100  # as if it had been running for 100 s
     engine.scheduler.requeue([started])
     assert engine.scheduler.waiting[0] is started

@@ -119,3 +119,19 @@ def test_an_engine_built_on_a_probed_device_gets_that_pool(hf_dir):
     assert engine.config.num_kv_blocks == budget // per_block
     assert info.kv_cache_bytes == engine.config.num_kv_blocks * per_block
     assert engine.config.max_model_len == 512  # the checkpoint's context: the pool holds far more
+
+
+def test_the_profile_step_never_outgrows_the_context(hf_dir):
+    """One sequence per step and the default 2,048-token budget on a 512-token checkpoint: the
+    profiled step is one 512-token prefill (positions past the context would crash rotary)."""
+    model = load_model(hf_dir, dtype="float32")
+    probe = FakeDevice(total=GIB, peak=GIB // 8)
+    args = EngineArgs(max_num_seqs=1)
+    assert kv_cache_budget(model, args, probe) > GIB // 2 - GIB // 8  # ran, and got its pool
+    assert probe.resets == 1
+
+
+def test_engine_args_check_their_choices():
+    for bad in ({"kernels": "cuda"}, {"quantization": "int4"}, {"dtype": "fp64"}, {"device": "tpu"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineArgs(**bad)

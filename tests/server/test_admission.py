@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -162,3 +163,28 @@ def test_a_bug_is_a_500_that_keeps_the_connection_and_its_request_id(hf_dir, cap
     assert len(opened) == 1
     logged = [r for r in caplog.records if r.name == "server.middleware" and r.exc_info]
     assert len(logged) == 3 and "bug-0" in logged[0].getMessage()  # the traceback, with the request id
+
+
+@dataclass
+class DiesMidStream(FakeEngine):
+    """Choice 0 finishes, then the engine raises before choice 1 does (a dead engine, say)."""
+
+    async def generate(self, prompt_ids, params, request_id, context_ids=()):
+        n = len(prompt_ids)
+        yield RequestOutput(request_id, 1, (5,), "a", False, None, None, n, 1, 0)
+        yield RequestOutput(request_id, 0, (6,), "b", True, FinishReason.LENGTH, None, n, 1, 0)
+        raise RuntimeError("the engine stopped")
+
+
+def test_an_exception_mid_stream_ends_each_unfinished_choice_once(hf_dir):
+    client, state = app_with(DiesMidStream(), hf_dir, limit=4)
+    with client.stream("POST", "/v1/chat/completions", json=BODY | {"stream": True, "n": 2}) as r:
+        assert r.status_code == 200
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    finals = [
+        (c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in map(json.loads, lines[:-1])
+    ]
+    finals = [f for f in finals if f[1] is not None]
+    assert finals == [(0, "length"), (1, "error")]  # a finished choice is not ended again
+    assert state.admission.in_flight == 0

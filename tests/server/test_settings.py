@@ -106,3 +106,11 @@ def test_the_engine_settings_come_from_engine_args():
         with pytest.raises(ValidationError, match=next(iter(bad))):
             load_settings(bad)
     assert load_settings({"kernels": "torch"}).engine_args().kernels == "torch"
+
+
+def test_dtype_aliases_are_accepted_as_before(monkeypatch, tmp_path):
+    assert load_settings({"dtype": "bf16"}).dtype == "bfloat16"
+    monkeypatch.setenv("MIXTRAL_DTYPE", "fp16")
+    assert load_settings({}).engine_args().dtype == "float16"
+    with pytest.raises(ValidationError, match="dtype"):
+        load_settings({"dtype": "int3"})
