@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from server.access_log import RequestContext
 from server.errors import install_error_handlers
-from server.middleware import ApiKeyAuth, BodyLimit, JsonContentType, RequestContext, ServerErrors
+from server.middleware import ApiKeyAuth, BodyLimit, JsonContentType, ServerErrors
 from server.routes import chat, completions, health, metrics, models, tokenize
 from server.settings import DISCARD_FACTOR, ServerSettings
 from server.state import AppState

@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids and access logs, a last-resort 500, API keys, body limits.
+"""ASGI middleware: a last-resort 500, API keys, body limits, content types.
 
 Pure ASGI (not `BaseHTTPMiddleware`) so streaming responses pass through untouched.
 """
@@ -8,19 +8,15 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import time
-import uuid
 from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import INTERNAL_ERROR_BODY, error_body
 
-access_log = logging.getLogger("mixtral_server.access")
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
-_REQUEST_ID_MAX = 128
 
 
 async def _send_json(
@@ -73,48 +69,6 @@ async def drop_rest(receive: Receive, bound: int, seen: int) -> bool:
 
 def _closing(close: bool) -> list[tuple[bytes, bytes]]:
     return [(b"connection", b"close")] if close else []
-
-
-class RequestContext:
-    """`X-Request-Id` on every response (echoed or generated) and one structured access-log line."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")[:_REQUEST_ID_MAX]
-        request_id = given if given and given.isprintable() else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        start = time.monotonic()
-        status = 0
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode("latin-1")),
-                ]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            access_log.info(
-                json.dumps(
-                    {
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "path": scope["path"][:200],
-                        "status": status,
-                        "duration_ms": round((time.monotonic() - start) * 1e3, 1),
-                    }
-                )
-            )
 
 
 class ServerErrors:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,6 +30,7 @@ from engine.errors import RequestFailedError
 from engine.outputs import Logprob, RequestOutput
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
+from server.access_log import request_record
 from server.engine_client import EngineClient
 from server.errors import APIError
 from server.protocol import UsageInfo
@@ -105,27 +107,31 @@ class Choice:
 class Generation:
     """The prompts of one request running in the engine, as deltas of their choices."""
 
-    def __init__(self, engine: EngineClient, prompts: Sequence[Prompt], request_ids: Sequence[str]) -> None:
-        """Each of `prompts` runs as the engine request of the same place in `request_ids`."""
+    def __init__(
+        self, engine: EngineClient, request: Request, prompts: Sequence[Prompt], request_ids: Sequence[str]
+    ) -> None:
+        """Each of `prompts` runs as the engine request of the same place in `request_ids`, for the
+        HTTP `request` (watched for a client that leaves; its access-log record is kept here)."""
         self.n = prompts[0].params.n
+        self.request = request
         self._outputs = [
             engine.generate(p.ids, p.params, rid, p.context_ids)
             for rid, p in zip(request_ids, prompts, strict=True)
         ]
         self._next: dict[asyncio.Future, int] = {}  # each prompt's pending output -> the prompt
-        self.prompt_tokens = sum(len(p.ids) for p in prompts)
-        self.completion_tokens = 0
         self.unfinished = set(range(len(prompts) * self.n))
+        self.record = request_record(request.scope, len(self.unfinished))
+        self.record.prompt_tokens = sum(len(p.ids) for p in prompts)
 
     def usage(self) -> UsageInfo:
-        return usage(self.prompt_tokens, self.completion_tokens)
+        return usage(self.record.prompt_tokens, self.record.completion_tokens)
 
-    async def start(self, request: Request) -> None:
+    async def start(self) -> None:
         """Wait for every prompt's first output, raising what the engine raised or failed (so it
         is a plain HTTP error) and aborting if the client leaves meanwhile."""
         self._await_next(range(len(self._outputs)))
         try:
-            await _wait_watching(request, self._next)
+            await _wait_watching(self.request, self._next)
             for future in self._next:
                 _check_failed(future.result())
         except BaseException:
@@ -144,7 +150,7 @@ class Generation:
                 self._await_next([k])
                 yield self._delta(k, out)
 
-    async def collect(self, request: Request) -> list[Choice]:
+    async def collect(self) -> list[Choice]:
         """Run to the end, no stream: a choice the engine fails fails the request
         (`RequestFailedError`, aborting the others); a client that leaves aborts it."""
         choices = [Choice() for _ in self.unfinished]
@@ -160,7 +166,7 @@ class Generation:
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-                if not task.done() and await request.is_disconnected():
+                if not task.done() and await self.request.is_disconnected():
                     raise ClientDisconnected()
             task.result()  # what the engine raised
             return choices
@@ -185,12 +191,18 @@ class Generation:
             self._next[asyncio.ensure_future(anext(self._outputs[k], None))] = k
 
     def _delta(self, k: int, out: RequestOutput) -> Delta:
-        self.completion_tokens += len(out.new_token_ids)
+        record = self.record
+        record.completion_tokens += len(out.new_token_ids)
+        if record.queue_time_s is None and out.queue_time is not None:
+            record.queue_time_s = out.queue_time
+        if record.ttft_s is None and out.new_token_ids:
+            record.ttft_s = time.monotonic() - record.start
         index = k * self.n + out.index
         reason, failure = None, None
         if out.finished:
             self.unfinished.discard(index)
             reason = "error" if out.error else finish_reason(out.finish_reason)
+            record.finish_reasons[index] = reason
         if out.error is not None:
             failure = RequestFailedError(out.error, out.error_code or "internal_error")
         return Delta(
@@ -233,6 +245,7 @@ async def stream_events(
     except Exception as exc:  # after the first byte: report in-band, the stream stays parseable
         logger.warning("stream %s failed: %s", request_id, type(exc).__name__)
         for index in sorted(generation.unfinished):
+            generation.record.finish_reasons[index] = "error"
             yield fmt.failed(index)
     finally:
         await generation.close()  # a cancelled stream (client gone) aborts the request here

@@ -86,13 +86,13 @@ async def chat_completions(
     prefix = prefix_of(messages)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     prompt = Prompt(prompt_ids, params, context_ids(model, prompt_ids, prefix))
-    generation = Generation(state.engine, [prompt], [request_id])
+    generation = Generation(state.engine, request, [prompt], [request_id])
     if req.stream:
-        await generation.start(request)  # errors before the first token are plain HTTP errors
+        await generation.start()  # errors before the first token are plain HTTP errors
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = ChatChunks(req.model, request_id, params.n, params.logprobs is not None)
         return event_stream(stream_events(generation, chunks, include_usage, request_id))
-    choices = await generation.collect(request)
+    choices = await generation.collect()
     return ChatCompletionResponse(
         id=request_id,
         created=now(),

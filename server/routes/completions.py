@@ -159,14 +159,16 @@ async def completions(
     prompts = await prompts_of(req, model)
     rid = f"cmpl-{uuid.uuid4().hex}"
     engine_ids = [f"{rid}-{k}" for k in range(len(prompts))]
-    generation = Generation(state.engine, [Prompt(p.ids, p.params, p.ids) for p in prompts], engine_ids)
+    generation = Generation(
+        state.engine, request, [Prompt(p.ids, p.params, p.ids) for p in prompts], engine_ids
+    )
     if req.stream:
-        await generation.start(request)  # errors before the first token are plain HTTP errors
+        await generation.start()  # errors before the first token are plain HTTP errors
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = CompletionChunks(req, model, rid, prompts)
         return event_stream(stream_events(generation, chunks, include_usage, rid))
     choices = []
-    for index, c in enumerate(await generation.collect(request)):
+    for index, c in enumerate(await generation.collect()):
         p = prompts[index // req.n]
         head = p.text if req.echo else ""
         lp = choice_logprobs(req, p, model, head, c.prompt_logprobs, c.logprobs, c.text, 0)

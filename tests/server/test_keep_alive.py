@@ -149,14 +149,19 @@ def send(client: httpx.Client, connections: Connections, spec: dict, request_id:
     return client.request(method, path, headers=headers, extensions={"trace": connections}, **spec)
 
 
-def access_log(log_text: str) -> dict[str, int]:
-    """request id -> the status its access-log line records."""
+def access_log_entries(log_text: str) -> dict[str, dict]:
+    """request id -> its access-log line."""
     out = {}
     for line in log_text.splitlines():
         if "mixtral_server.access: " in line:
             entry = json.loads(line.split("mixtral_server.access: ", 1)[1])
-            out[entry["request_id"]] = entry["status"]
+            out[entry["request_id"]] = entry
     return out
+
+
+def access_log(log_text: str) -> dict[str, int]:
+    """request id -> the status its access-log line records."""
+    return {rid: entry["status"] for rid, entry in access_log_entries(log_text).items()}
 
 
 def one_connection_client(server) -> httpx.Client:
