@@ -22,7 +22,7 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
-from engine.errors import EngineDeadError, EngineNotReadyError, QueueTimeoutError
+from engine.errors import EngineDeadError, EngineNotReadyError, QueueTimeoutError, RequestStoppedError
 from engine.llm_engine import Engine
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import FinishReason
@@ -154,6 +154,14 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))
+
+    def stop_requests(self, error: RequestStoppedError) -> int:
+        """End every request now: each waiter gets `error` after what it already has, and the
+        engine drops them (their KV blocks are freed). Returns how many there were."""
+        for request_id, waiting in self._queues.items():
+            waiting.put_nowait(error)
+            self._send(_Abort(request_id))
+        return len(self._queues)
 
     def _send(self, command: _Add | _Abort) -> None:
         self._commands.put(command)

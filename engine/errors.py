@@ -41,5 +41,10 @@ class RequestFailedError(EngineError):
         self.code = code
 
 
+class RequestStoppedError(EngineError):
+    """The request was ended from outside before it finished (the server stopped: it outlasted
+    the drain timeout)."""
+
+
 class EngineNotReadyError(EngineError):
     """The engine is still loading weights or warming up."""

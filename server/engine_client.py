@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, RequestStoppedError
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -39,5 +39,9 @@ class EngineClient(Protocol):
         ...
 
     def abort(self, request_id: str) -> None: ...
+
+    def stop_requests(self, error: RequestStoppedError) -> int:
+        """End every request now with `error`; how many there were."""
+        ...
 
     def stats(self) -> EngineStats: ...

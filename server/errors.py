@@ -22,6 +22,7 @@ from engine.errors import (
     QueueTimeoutError,
     RequestFailedError,
     RequestRejected,
+    RequestStoppedError,
 )
 from engine.sampling_params import InvalidSamplingParams
 from server.protocol import INVALID_UNICODE
@@ -131,6 +132,9 @@ EXPECTED_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
     EngineDeadError: lambda exc: engine_dead(),
     QueueTimeoutError: lambda exc: ServiceUnavailable(str(exc), "queue_timeout", retry_after=5),
     EngineNotReadyError: lambda exc: not_ready(),
+    RequestStoppedError: lambda exc: ServiceUnavailable(
+        "The server stopped before the request finished", "shutting_down"
+    ),
     RequestFailedError: _failed,
 }
 

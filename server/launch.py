@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from engine.async_engine import AsyncEngine
+from engine.errors import RequestStoppedError
 from engine.factory import EngineInfo, build_engine
 from engine.llm_engine import Engine
 from server.app import create_app
@@ -32,6 +33,10 @@ from tokenization.prompt_encoder import PromptEncoder
 
 logger = logging.getLogger("mixtral_server")
 _GIB = 1024**3
+# After the drain: how long the ended requests get to send their last bytes, then how long uvicorn
+# waits for connections to close before it closes them.
+FLUSH_S = 2.0
+SHUTDOWN_GRACE_S = 5
 
 
 def resolve_model(settings: ServerSettings) -> tuple[Path, str | None]:
@@ -87,7 +92,14 @@ class ProgressBar:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but SIGTERM/SIGINT first drain in-flight requests (stock uvicorn stops at once)."""
+    """uvicorn, but SIGTERM/SIGINT first drain in-flight requests (stock uvicorn stops at once).
+
+    Up to `drain_timeout_s` the requests in flight go on. Whatever is left then is ended: a stream
+    with `finish_reason: "error"` and `[DONE]`, a waiting request with 503 `shutting_down`; they
+    get FLUSH_S to be sent. uvicorn then waits at most SHUTDOWN_GRACE_S for connections to close
+    (a client that stopped reading keeps its own open), and the process exits 0. A second signal
+    stops at once. All of it fits Docker's `stop_grace_period` (docker-compose.yml).
+    """
 
     def __init__(self, config: uvicorn.Config, state: AppState, drain_timeout_s: float) -> None:
         super().__init__(config)
@@ -97,7 +109,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # called by uvicorn's signal handler
         if self._draining is not None:  # a second signal: stop now
-            return super().handle_exit(sig, frame)
+            self.should_exit = self.force_exit = True
+            return
         self.state.shutting_down = True
         self._draining = asyncio.get_event_loop().create_task(self._drain())
 
@@ -106,6 +119,15 @@ class DrainingServer(uvicorn.Server):
         deadline = loop.time() + self.drain_timeout_s
         while self.state.admission.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if self.state.admission.in_flight:
+            error = RequestStoppedError(
+                f"the server stopped: the request outlasted the {self.drain_timeout_s:g} s drain"
+            )
+            count = self.state.engine.stop_requests(error)
+            logger.warning("drain timeout: ended %d requests still running", count)
+            deadline = loop.time() + FLUSH_S
+            while self.state.admission.in_flight and loop.time() < deadline:
+                await asyncio.sleep(0.05)
         self.should_exit = True
 
 
@@ -183,7 +205,12 @@ def serve(settings: ServerSettings) -> None:
     )
     app, state = build_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     server = DrainingServer(config, state, settings.drain_timeout_s)
     state.stop_server = lambda: setattr(server, "should_exit", True)

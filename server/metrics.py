@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.errors import EngineDeadError, QueueTimeoutError, RequestRejected
+from engine.errors import EngineDeadError, QueueTimeoutError, RequestRejected, RequestStoppedError
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from server.engine_client import EngineClient
@@ -187,6 +187,9 @@ class MeteredEngine:
 
     def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
+
+    def stop_requests(self, error: RequestStoppedError) -> int:
+        return self._engine.stop_requests(error)
 
     def stats(self) -> EngineStats:
         return self._engine.stats()
