@@ -20,11 +20,18 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.errors import EngineDeadError, EngineNotReadyError, QueueTimeoutError, RequestStoppedError
+from engine.config import ENGINE_DEFAULTS
+from engine.errors import (
+    EngineDeadError,
+    EngineNotReadyError,
+    QueueTimeoutError,
+    RequestStoppedError,
+    SlowConsumerError,
+)
 from engine.llm_engine import Engine
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import EngineStats, RequestOutput, held_bytes
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 
@@ -46,14 +53,28 @@ class _Abort:
     request_id: str
 
 
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    """One caller's request: its outputs not yet read, and about how many bytes they hold."""
+
+    outputs: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    backlog: int = 0
+    overflowed: bool = False  # aborted for its backlog: later outputs are dropped
+
+
 class AsyncEngine:
-    def __init__(self, build: Callable[[], Engine]) -> None:
+    def __init__(
+        self, build: Callable[[], Engine], max_backlog_bytes: int = ENGINE_DEFAULTS.stream_buffer_bytes
+    ) -> None:
+        """`max_backlog_bytes`: how much of a request's output may wait unread (a stream whose
+        client stopped reading) before the request is aborted (`SlowConsumerError`)."""
         self._build = build
+        self.max_backlog_bytes = max_backlog_bytes
         self.engine: Engine | None = None  # set by the engine thread once built
         self._ready = threading.Event()
         self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._queues: dict[str, _Waiter] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -130,8 +151,8 @@ class AsyncEngine:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.engine.validate(prompt_ids, params)  # reads config only: safe from this thread
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = outputs
+        waiter = _Waiter()
+        self._queues[request_id] = waiter
         if self.dead_error is not None:  # died between the first check and registration
             self._queues.pop(request_id, None)
             raise self.dead_error
@@ -139,9 +160,10 @@ class AsyncEngine:
         remaining = params.n
         try:
             while remaining:
-                item = await outputs.get()
+                item = await waiter.outputs.get()
                 if isinstance(item, BaseException):
                     raise item
+                waiter.backlog -= held_bytes(item)
                 if item.finish_reason is FinishReason.QUEUE_TIMEOUT:  # dropped before any work
                     remaining = 0
                     raise QueueTimeoutError(item.error or "queue timeout", item.queue_time)
@@ -158,8 +180,8 @@ class AsyncEngine:
     def stop_requests(self, error: RequestStoppedError) -> int:
         """End every request now: each waiter gets `error` after what it already has, and the
         engine drops them (their KV blocks are freed). Returns how many there were."""
-        for request_id, waiting in self._queues.items():
-            waiting.put_nowait(error)
+        for request_id, waiter in self._queues.items():
+            waiter.outputs.put_nowait(error)
             self._send(_Abort(request_id))
         return len(self._queues)
 
@@ -214,15 +236,24 @@ class AsyncEngine:
     def _deliver(self, payload: list[RequestOutput] | BaseException | dict[str, Exception]) -> None:
         """Runs on the event loop: route outputs (or errors) to the waiting requests."""
         if isinstance(payload, BaseException):
-            for q in self._queues.values():
-                q.put_nowait(payload)
+            for each in self._queues.values():
+                each.outputs.put_nowait(payload)
             return
         if isinstance(payload, dict):
             for rid, exc in payload.items():
                 if rid in self._queues:
-                    self._queues[rid].put_nowait(exc)
+                    self._queues[rid].outputs.put_nowait(exc)
             return
         for out in payload:
-            waiting = self._queues.get(out.request_id)
-            if waiting is not None:
-                waiting.put_nowait(out)
+            waiter = self._queues.get(out.request_id)
+            if waiter is None or waiter.overflowed:
+                continue
+            waiter.backlog += held_bytes(out)
+            if waiter.backlog > self.max_backlog_bytes:  # its reader stopped: stop the request
+                waiter.overflowed = True
+                message = f"more than {self.max_backlog_bytes} bytes of output left unread"
+                waiter.outputs.put_nowait(SlowConsumerError(message))
+                self._send(_Abort(out.request_id))
+                logger.warning("request %s aborted: %s", out.request_id, message)
+                continue
+            waiter.outputs.put_nowait(out)

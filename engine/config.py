@@ -51,6 +51,8 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9  # of the device's total memory, as vLLM's
     enable_prefix_caching: bool = True
     max_queue_time_s: float = 120.0  # a request not started within this is dropped; 0: no bound
+    # A request's output left unread beyond this (a stream whose client stopped reading) aborts it.
+    stream_buffer_bytes: int = 4 * 1024 * 1024
     seed: int = 0  # of the sampler, for requests without a seed of their own
 
     def __post_init__(self) -> None:
@@ -67,10 +69,10 @@ class EngineArgs:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         _check_runtime(self.cuda_graph_max_batch, self.max_queue_time_s)
-        _check_positive(self, ("max_num_seqs", "max_num_batched_tokens", "block_size"))
+        _check_positive(self, ("max_num_seqs", "max_num_batched_tokens", "block_size", "stream_buffer_bytes"))
 
 
-_ARGS = EngineArgs()
+ENGINE_DEFAULTS = EngineArgs()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +82,14 @@ class EngineConfig:
 
     max_model_len: int  # prompt + output tokens of one sequence
     num_kv_blocks: int  # size of the paged KV pool
-    block_size: int = _ARGS.block_size
-    max_num_seqs: int = _ARGS.max_num_seqs
-    max_num_batched_tokens: int = _ARGS.max_num_batched_tokens
-    enable_prefix_caching: bool = _ARGS.enable_prefix_caching
+    block_size: int = ENGINE_DEFAULTS.block_size
+    max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
+    max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
+    enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
     pack_cpu_weights: bool = True  # oneDNN-prepacked GEMM weights on CPU (model.torch_backend.packed)
-    kernels: KernelChoice = _ARGS.kernels
-    cuda_graph_max_batch: int = _ARGS.cuda_graph_max_batch
-    max_queue_time_s: float = _ARGS.max_queue_time_s  # 0: no bound
+    kernels: KernelChoice = ENGINE_DEFAULTS.kernels
+    cuda_graph_max_batch: int = ENGINE_DEFAULTS.cuda_graph_max_batch
+    max_queue_time_s: float = ENGINE_DEFAULTS.max_queue_time_s  # 0: no bound
 
     def __post_init__(self) -> None:
         _check_choice("kernels", self.kernels, choices(KernelChoice))

@@ -46,5 +46,10 @@ class RequestStoppedError(EngineError):
     the drain timeout)."""
 
 
+class SlowConsumerError(EngineError):
+    """The caller left more of a request's outputs unread than the bound allows: the request was
+    aborted (a client that stopped reading its stream)."""
+
+
 class EngineNotReadyError(EngineError):
     """The engine is still loading weights or warming up."""

@@ -141,11 +141,16 @@ def build_app(settings: ServerSettings) -> tuple[FastAPI, AppState]:
         engine, info["engine"] = build_engine(model_dir, args, encoder, ProgressBar())
         return engine
 
-    engine = AsyncEngine(build)
+    engine = AsyncEngine(build, args.stream_buffer_bytes)
     metrics = Metrics(engine.stats)
     admission = Admission(settings.max_num_seqs + settings.max_waiting_requests)
     # Every request is measured on its way through MeteredEngine.
-    state = AppState(engine=MeteredEngine(engine, metrics), admission=admission, metrics=metrics)
+    state = AppState(
+        engine=MeteredEngine(engine, metrics),
+        admission=admission,
+        metrics=metrics,
+        stall_timeout_s=settings.stream_stall_timeout_s,
+    )
     app = create_app(state, settings)
 
     async def ready() -> None:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from engine.config import EngineArgs
+from engine.config import ENGINE_DEFAULTS, EngineArgs
 from model.config import normalize_dtype_name
 from model.options import DType, KernelChoice, Quantization
 
@@ -51,9 +51,6 @@ def _dtype(value: Any) -> Any:
     return normalize_dtype_name(value) if isinstance(value, str) else value
 
 
-_ENGINE = EngineArgs()
-
-
 class ServerSettings(BaseSettings):
     """Every setting of the server; YAML keys and `MIXTRAL_<NAME>` variables use these names.
 
@@ -70,26 +67,29 @@ class ServerSettings(BaseSettings):
     port: int = 8000
     api_key: StrList = Field(default_factory=list)
     # ---- the engine (engine.config.EngineArgs)
-    dtype: Annotated[DType | None, BeforeValidator(_dtype)] = _ENGINE.dtype  # bf16, fp16, ... too
-    device: str = _ENGINE.device
-    quantization: Quantization = _ENGINE.quantization
-    kernels: KernelChoice = _ENGINE.kernels
-    cuda_graph_max_batch: int = _ENGINE.cuda_graph_max_batch
-    max_model_len: int | None = _ENGINE.max_model_len
-    max_num_seqs: int = _ENGINE.max_num_seqs
-    max_num_batched_tokens: int = _ENGINE.max_num_batched_tokens
-    block_size: int = _ENGINE.block_size
-    kv_cache_memory_gb: float | None = _ENGINE.kv_cache_memory_gb
-    gpu_memory_utilization: float = _ENGINE.gpu_memory_utilization
-    enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
-    max_queue_time_s: float = _ENGINE.max_queue_time_s
-    seed: int = _ENGINE.seed
+    dtype: Annotated[DType | None, BeforeValidator(_dtype)] = ENGINE_DEFAULTS.dtype  # bf16, fp16, ... too
+    device: str = ENGINE_DEFAULTS.device
+    quantization: Quantization = ENGINE_DEFAULTS.quantization
+    kernels: KernelChoice = ENGINE_DEFAULTS.kernels
+    cuda_graph_max_batch: int = ENGINE_DEFAULTS.cuda_graph_max_batch
+    max_model_len: int | None = ENGINE_DEFAULTS.max_model_len
+    max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
+    max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
+    block_size: int = ENGINE_DEFAULTS.block_size
+    kv_cache_memory_gb: float | None = ENGINE_DEFAULTS.kv_cache_memory_gb
+    gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization
+    enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
+    max_queue_time_s: float = ENGINE_DEFAULTS.max_queue_time_s
+    stream_buffer_bytes: int = ENGINE_DEFAULTS.stream_buffer_bytes
+    seed: int = ENGINE_DEFAULTS.seed
     # ---- requests
     default_temperature: float = 0.7
     max_body_bytes: int = 2 * 1024 * 1024
     cors_origins: StrList = Field(default_factory=list)
     max_waiting_requests: int = 256
     drain_timeout_s: float = 30.0
+    # A stream whose client has read nothing for this long is aborted (its KV and slot freed).
+    stream_stall_timeout_s: float = Field(default=30.0, gt=0)
     log_level: str = "info"
 
     @model_validator(mode="after")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
-from sse_starlette.sse import EventSourceResponse
+from sse_starlette.sse import EventSourceResponse, SendTimeoutError
+from starlette.types import Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PING_S = 15  # a `: ping` comment on an idle stream; every client we support skips it
@@ -21,6 +25,26 @@ def sse_json(chunk: BaseModel) -> str:
     return chunk.model_dump_json().translate(_LINE_BREAKS)
 
 
-def event_stream(events: AsyncIterator[str]) -> EventSourceResponse:
-    """`data: <event>` per item, with the headers proxies need to pass a stream through."""
-    return EventSourceResponse(events, sep="\n", headers=SSE_HEADERS, ping=PING_S)
+class _Stream(EventSourceResponse):
+    """An SSE response that gives up on a client who stopped reading.
+
+    A send that waits longer than `send_timeout` (the client's receive window stayed shut) ends
+    the stream: the events' generator is closed, which aborts the request in the engine and
+    frees its KV blocks, and the admission slot goes with the response. The connection is then
+    closed by uvicorn, which says so in its log ("returned without completing response").
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            request_id = scope.get("state", {}).get("request_id")
+            logger.warning(
+                "stream %s aborted: its client read nothing for %s s", request_id, self.send_timeout
+            )
+
+
+def event_stream(events: AsyncIterator[str], stall_timeout_s: float | None) -> EventSourceResponse:
+    """`data: <event>` per item, with the headers proxies need to pass a stream through; a client
+    that reads nothing for `stall_timeout_s` loses its stream."""
+    return _Stream(events, sep="\n", headers=SSE_HEADERS, ping=PING_S, send_timeout=stall_timeout_s)

@@ -75,6 +75,9 @@ class AppState:
     model: ServedModel | None = None
     shutting_down: bool = False
     metrics: Metrics | None = None  # /metrics serves its registry; None: no metrics
+    # Seconds a stream's client may read nothing before the stream is aborted
+    # (ServerSettings.stream_stall_timeout_s); None: no limit.
+    stall_timeout_s: float | None = None
     stop_server: Callable[[], None] = lambda: None  # set by the CLI: ends the process (engine died)
 
     @property

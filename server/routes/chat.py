@@ -91,7 +91,9 @@ async def chat_completions(
         await generation.start()  # errors before the first token are plain HTTP errors
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = ChatChunks(req.model, request_id, params.n, params.logprobs is not None)
-        return event_stream(stream_events(generation, chunks, include_usage, request_id))
+        return event_stream(
+            stream_events(generation, chunks, include_usage, request_id), state.stall_timeout_s
+        )
     choices = await generation.collect()
     return ChatCompletionResponse(
         id=request_id,

@@ -166,7 +166,7 @@ async def completions(
         await generation.start()  # errors before the first token are plain HTTP errors
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = CompletionChunks(req, model, rid, prompts)
-        return event_stream(stream_events(generation, chunks, include_usage, rid))
+        return event_stream(stream_events(generation, chunks, include_usage, rid), state.stall_timeout_s)
     choices = []
     for index, c in enumerate(await generation.collect()):
         p = prompts[index // req.n]
