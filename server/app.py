@@ -7,7 +7,9 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server.access_log import RequestContext
 from server.errors import install_error_handlers
-from server.middleware import ApiKeyAuth, BodyLimit, JsonContentType, ServerErrors
+from server.middleware import OPEN_PATHS, ApiKeyAuth, BodyLimit, JsonContentType, ServerErrors
+from server.openapi import install_openapi
+from server.protocol import ChatCompletionChunk, CompletionResponse
 from server.routes import chat, completions, health, metrics, models, tokenize
 from server.settings import DISCARD_FACTOR, ServerSettings
 from server.state import AppState
@@ -19,6 +21,7 @@ def create_app(state: AppState, settings: ServerSettings) -> FastAPI:
     for module in (chat, completions, models, tokenize, health, metrics):
         app.include_router(module.router)
     install_error_handlers(app)
+    install_openapi(app, OPEN_PATHS, bool(settings.api_keys), (ChatCompletionChunk, CompletionResponse))
     # Outermost last: the request id wraps everything, so even a 401, 413 or 500 carries one.
     discard = DISCARD_FACTOR * settings.max_body_bytes
     app.add_middleware(JsonContentType)

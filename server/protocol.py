@@ -268,3 +268,46 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "dead"]
+    error: str | None = None  # why the engine died
+
+
+class ReadyStatus(BaseModel):
+    status: Literal["ready", "loading", "shutting_down"]
+    model: str | None = None
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ValidationDetail(BaseModel):
+    type: str | None
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: `error` (what `openai` reads); validation errors add FastAPI's `detail`."""
+
+    error: ErrorInfo
+    detail: list[ValidationDetail] | None = None

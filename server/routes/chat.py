@@ -13,6 +13,8 @@ from sse_starlette.sse import EventSourceResponse
 from engine.outputs import Logprob
 from server.deps import serving_state
 from server.errors import BadRequest
+from server.openapi import GENERATION_ERRORS
+from server.openapi import event_stream as event_stream_response
 from server.protocol import (
     AssistantMessageOut,
     ChatChoice,
@@ -73,7 +75,12 @@ def context_ids(model: ServedModel, prompt_ids: list[int], prefix: str) -> list[
     return prompt_ids[-len(model.encoder.encode_text(prefix, bos=False)) :]
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=event_stream_response("chat.completion.chunk events when `stream` is true", ChatCompletionChunk)
+    | GENERATION_ERRORS,
+)
 async def chat_completions(
     req: ChatCompletionRequest, request: Request, state: Annotated[AppState, Depends(serving_state)]
 ) -> ChatCompletionResponse | EventSourceResponse:

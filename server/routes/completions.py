@@ -21,6 +21,8 @@ from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from server.deps import serving_state
 from server.errors import BadRequest
+from server.openapi import GENERATION_ERRORS
+from server.openapi import event_stream as event_stream_response
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -149,7 +151,12 @@ def choice_logprobs(
     return block
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses=event_stream_response("text_completion events when `stream` is true", CompletionResponse)
+    | GENERATION_ERRORS,
+)
 async def completions(
     req: CompletionRequest, request: Request, state: Annotated[AppState, Depends(serving_state)]
 ) -> CompletionResponse | EventSourceResponse:

@@ -8,12 +8,17 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from server.deps import get_state
+from server.protocol import HealthStatus, ReadyStatus
 from server.state import AppState
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_model=HealthStatus,
+    responses={503: {"model": HealthStatus, "description": "The engine loop died"}},
+)
 async def health(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
     """200 while the process runs and the engine loop is alive (or still loading)."""
     dead = state.engine.dead_error
@@ -22,7 +27,11 @@ async def health(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=ReadyStatus,
+    responses={503: {"model": ReadyStatus, "description": "Loading, or shutting down"}},
+)
 async def ready(state: Annotated[AppState, Depends(get_state)]) -> JSONResponse:
     """200 once weights are loaded and a warm-up forward succeeded; 503 before, and when draining."""
     if state.shutting_down:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
@@ -10,12 +10,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.deps import get_state
 from server.errors import NotFound
+from server.openapi import KEYED, errors
 from server.state import AppState
 
 router = APIRouter()
+TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_model=None, responses=TEXT | errors(*KEYED, 404))
 async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
     if state.metrics is None:
         raise NotFound("metrics are not enabled")

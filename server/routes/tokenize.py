@@ -16,7 +16,8 @@ from fastapi import APIRouter, Depends
 
 from server.deps import get_state
 from server.errors import BadRequest
-from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.openapi import BODY_ERRORS, KEYED, errors
+from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.state import AppState, ServedModel
 from tokenization import parse_messages, with_safe_prompt
 
@@ -29,8 +30,8 @@ def model_named(state: AppState, name: str | None) -> ServedModel:
     return state.served() if name is None else state.resolve(name)
 
 
-@router.post("/tokenize")
-async def tokenize(req: TokenizeRequest, state: Annotated[AppState, Depends(get_state)]) -> dict:
+@router.post("/tokenize", responses=errors(*KEYED, *BODY_ERRORS, 404, 503))
+async def tokenize(req: TokenizeRequest, state: Annotated[AppState, Depends(get_state)]) -> TokenizeResponse:
     """Text (`prompt`) or a chat (`messages`, with `safe_prompt`) -> the prompt ids the API would use."""
     if unknown := req.unknown_fields():
         logger.info("ignored unknown fields: %s", ", ".join(unknown[:20]))
@@ -45,12 +46,14 @@ async def tokenize(req: TokenizeRequest, state: Annotated[AppState, Depends(get_
     else:
         assert req.prompt is not None  # exactly one of the two, checked above
         ids = await asyncio.to_thread(model.encoder.encode_text, req.prompt, req.add_special_tokens)
-    return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=model.max_model_len)
 
 
-@router.post("/detokenize")
-async def detokenize(req: DetokenizeRequest, state: Annotated[AppState, Depends(get_state)]) -> dict:
+@router.post("/detokenize", responses=errors(*KEYED, *BODY_ERRORS, 404, 503))
+async def detokenize(
+    req: DetokenizeRequest, state: Annotated[AppState, Depends(get_state)]
+) -> DetokenizeResponse:
     """Token ids -> text (special tokens dropped, as in generated text)."""
     model = model_named(state, req.model)
     model.check_token_ids(req.tokens, param="tokens")
-    return {"prompt": await asyncio.to_thread(model.encoder.decode, list(req.tokens))}
+    return DetokenizeResponse(prompt=await asyncio.to_thread(model.encoder.decode, list(req.tokens)))
