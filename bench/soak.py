@@ -61,7 +61,7 @@ USER = {"role": "user", "content": "a"}
 INVALID = [
     ("malformed", 400, b'{"model": '),
     ("unknown-model", 404, {"model": "no-such-model", "messages": [USER]}),
-    ("nan-temperature", 400, b'{"model": "MODEL", "messages": [{"role": "user", "content": "a"}], "top_p": NaN}'),
+    ("nan-top-p", 400, b'{"model": "MODEL", "messages": [{"role": "user", "content": "a"}], "top_p": NaN}'),
     ("last-assistant", 400, {"messages": [USER, {"role": "assistant", "content": "b"}]}),
     ("context-length", 400, {"messages": [USER], "max_tokens": 10**7}),
 ]  # fmt: skip
