@@ -38,8 +38,8 @@ from bench.serve import start_server, stop, write_checkpoint
 OUTPUT_LEN = 32
 CAPACITY_CLIENTS = 32
 LOAD_FRACTION = 0.7
-INVALID_FRACTION = 0.05
-ABANDON_FRACTION = 0.10
+INVALID_EVERY = 20  # 5% of requests
+ABANDON_EVERY = 10  # 10% of streams
 RSS_DRIFT_LIMIT = 50 * 1024 * 1024
 WORDS = (
     "the",
@@ -124,7 +124,8 @@ class Soak:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed)  # prompts, bad-request classes, when streams are left, arrivals
+        self.sent = self.streams = 0
 
     def client(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
@@ -151,15 +152,18 @@ class Soak:
         )
 
     async def one(self, http: httpx.AsyncClient, tally: Tally) -> None:
-        """One request of the mix, checked."""
-        draw = self.rng.random()
+        """The next request of the mix, checked. The mix is counted, not drawn, so that even a
+        short run has every kind: every INVALID_EVERY-th request is bad, the others alternate
+        between plain and streamed, and every ABANDON_EVERY-th stream is abandoned."""
+        self.sent += 1
         try:
-            if draw < INVALID_FRACTION:
+            if self.sent % INVALID_EVERY == 0:
                 await self.invalid(http, tally)
-            elif draw < INVALID_FRACTION + (1 - INVALID_FRACTION) / 2:
+            elif self.sent % 2:
                 await self.plain(http, tally)
             else:
-                await self.stream(http, tally, abandon=self.rng.random() < ABANDON_FRACTION)
+                self.streams += 1
+                await self.stream(http, tally, abandon=self.streams % ABANDON_EVERY == 0)
         except httpx.TransportError as exc:
             tally.wrong(f"transport:{type(exc).__name__}", str(exc))
 

@@ -79,6 +79,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead_error: EngineDeadError | None = None
+        self._stopped: RequestStoppedError | None = None  # set by stop_requests: no new requests
         self.step_hook: Callable[[], None] | None = None  # called before each step (fault injection)
 
     @property
@@ -146,6 +147,8 @@ class AsyncEngine:
         """
         if self.dead_error is not None:
             raise self.dead_error
+        if self._stopped is not None:
+            raise RequestStoppedError(str(self._stopped))
         if self.engine is None or not self._ready.is_set():
             raise EngineNotReadyError("the engine is still starting")
         if request_id in self._queues:
@@ -178,10 +181,12 @@ class AsyncEngine:
         self._send(_Abort(request_id))
 
     def stop_requests(self, error: RequestStoppedError) -> int:
-        """End every request now: each waiter gets `error` after what it already has, and the
-        engine drops them (their KV blocks are freed). Returns how many there were."""
+        """End every request now, and every one that arrives later (the server is stopping): each
+        waiter gets `error` after what it already has, and the engine drops them (their KV blocks
+        are freed). Returns how many were running."""
+        self._stopped = error
         for request_id, waiter in self._queues.items():
-            waiter.outputs.put_nowait(error)
+            waiter.outputs.put_nowait(RequestStoppedError(str(error)))
             self._send(_Abort(request_id))
         return len(self._queues)
 
@@ -248,12 +253,13 @@ class AsyncEngine:
             waiter = self._queues.get(out.request_id)
             if waiter is None or waiter.overflowed:
                 continue
-            waiter.backlog += held_bytes(out)
-            if waiter.backlog > self.max_backlog_bytes:  # its reader stopped: stop the request
+            size = held_bytes(out)
+            if waiter.backlog + size > self.max_backlog_bytes:  # its reader stopped: stop the request
                 waiter.overflowed = True
                 message = f"more than {self.max_backlog_bytes} bytes of output left unread"
                 waiter.outputs.put_nowait(SlowConsumerError(message))
                 self._send(_Abort(out.request_id))
                 logger.warning("request %s aborted: %s", out.request_id, message)
                 continue
+            waiter.backlog += size
             waiter.outputs.put_nowait(out)

@@ -11,6 +11,8 @@ from model.options import DType, KernelChoice, Quantization, choices
 
 # The KV pool on a CPU, where there is no device memory to size it from.
 CPU_KV_CACHE_GB = 1.0
+# Below this, one output with its alternatives (a few KiB) could already overflow a stream's bound.
+MIN_STREAM_BUFFER_BYTES = 64 * 1024
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -69,7 +71,11 @@ class EngineArgs:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         _check_runtime(self.cuda_graph_max_batch, self.max_queue_time_s)
-        _check_positive(self, ("max_num_seqs", "max_num_batched_tokens", "block_size", "stream_buffer_bytes"))
+        _check_positive(self, ("max_num_seqs", "max_num_batched_tokens", "block_size"))
+        if self.stream_buffer_bytes < MIN_STREAM_BUFFER_BYTES:
+            raise ValueError(
+                f"stream_buffer_bytes must be >= {MIN_STREAM_BUFFER_BYTES}, got {self.stream_buffer_bytes}"
+            )
 
 
 ENGINE_DEFAULTS = EngineArgs()

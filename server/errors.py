@@ -23,6 +23,7 @@ from engine.errors import (
     RequestFailedError,
     RequestRejected,
     RequestStoppedError,
+    SlowConsumerError,
 )
 from engine.sampling_params import InvalidSamplingParams
 from server.protocol import INVALID_UNICODE
@@ -136,6 +137,9 @@ EXPECTED_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
         "The server stopped before the request finished", "shutting_down"
     ),
     RequestFailedError: _failed,
+    SlowConsumerError: lambda exc: ServiceUnavailable(
+        "The client read too slowly; the request was stopped", "slow_consumer"
+    ),
 }
 
 

@@ -37,7 +37,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 GENERATION_ERRORS = errors(*KEYED, *BODY_ERRORS, 404, 429, 503)  # chat and text completions
 
 
-def event_stream(description: str, chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+def streamed_or_json(description: str, chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """The 200 of a route that streams when asked (`stream: true`) as well as answering JSON: each
     event's `data` is a `chunk` as JSON, or the closing `[DONE]` (`itemSchema`, as OpenAPI 3.2
     describes a stream's events; `install_openapi` adds the chunk's schema)."""
@@ -59,7 +59,9 @@ def install_openapi(
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, openapi_version=app.openapi_version, routes=app.routes
+            )
             pairs = [(model, "serialization") for model in stream_chunks]
             _, defs = models_json_schema(pairs, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))

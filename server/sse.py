@@ -30,14 +30,16 @@ class _Stream(EventSourceResponse):
 
     A send that waits longer than `send_timeout` (the client's receive window stayed shut) ends
     the stream: the events' generator is closed, which aborts the request in the engine and
-    frees its KV blocks, and the admission slot goes with the response. The connection is then
-    closed by uvicorn, which says so in its log ("returned without completing response").
+    frees its KV blocks, and the admission slot goes with the response. uvicorn then closes the
+    connection, saying so in its log ("returned without completing response"); the socket itself
+    lingers until the peer reads or its TCP connection times out, holding a file descriptor and
+    what its buffers hold, no more.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        except SendTimeoutError:
+        except* SendTimeoutError:  # the data's send or a ping's, or both at once
             request_id = scope.get("state", {}).get("request_id")
             logger.warning(
                 "stream %s aborted: its client read nothing for %s s", request_id, self.send_timeout

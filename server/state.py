@@ -76,7 +76,7 @@ class AppState:
     shutting_down: bool = False
     metrics: Metrics | None = None  # /metrics serves its registry; None: no metrics
     # Seconds a stream's client may read nothing before the stream is aborted
-    # (ServerSettings.stream_stall_timeout_s); None: no limit.
+    # (ServerSettings.stream_stall_timeout_s); None: no limit (tests that build the app directly).
     stall_timeout_s: float | None = None
     stop_server: Callable[[], None] = lambda: None  # set by the CLI: ends the process (engine died)
 

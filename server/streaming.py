@@ -122,6 +122,7 @@ class Generation:
         self.unfinished = set(range(len(prompts) * self.n))
         self.record = request_record(request.scope, len(self.unfinished))
         self.record.prompt_tokens = sum(len(p.ids) for p in prompts)
+        self._served = False  # its outputs began to reach the client (not refused at the start)
 
     def usage(self) -> UsageInfo:
         return usage(self.record.prompt_tokens, self.record.completion_tokens)
@@ -137,6 +138,7 @@ class Generation:
         except BaseException:
             await self.close()
             raise
+        self._served = True
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Every choice's deltas as they come, interleaved; after `start`."""
@@ -156,6 +158,7 @@ class Generation:
         choices = [Choice() for _ in self.unfinished]
 
         async def consume() -> None:
+            self._served = True
             self._await_next(range(len(self._outputs)))
             async for delta in self.deltas():
                 if delta.failure is not None:
@@ -178,7 +181,11 @@ class Generation:
             await self.close()
 
     async def close(self) -> None:
-        """Abort whatever still runs (leaving an engine stream aborts its request)."""
+        """Abort whatever still runs (leaving an engine stream aborts its request); the access log
+        says `abort` for the choices of a served request that did not finish."""
+        if self._served:
+            for index in self.unfinished:
+                self.record.finish_reasons[index] = self.record.finish_reasons[index] or "abort"
         for future in self._next:
             future.cancel()
         await asyncio.gather(*self._next, return_exceptions=True)

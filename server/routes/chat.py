@@ -13,8 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 from engine.outputs import Logprob
 from server.deps import serving_state
 from server.errors import BadRequest
-from server.openapi import GENERATION_ERRORS
-from server.openapi import event_stream as event_stream_response
+from server.openapi import GENERATION_ERRORS, streamed_or_json
 from server.protocol import (
     AssistantMessageOut,
     ChatChoice,
@@ -78,7 +77,9 @@ def context_ids(model: ServedModel, prompt_ids: list[int], prefix: str) -> list[
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
-    responses=event_stream_response("chat.completion.chunk events when `stream` is true", ChatCompletionChunk)
+    responses=streamed_or_json(
+        "The completion; or, when `stream` is true, its chunks as server-sent events", ChatCompletionChunk
+    )
     | GENERATION_ERRORS,
 )
 async def chat_completions(

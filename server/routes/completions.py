@@ -21,8 +21,7 @@ from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from server.deps import serving_state
 from server.errors import BadRequest
-from server.openapi import GENERATION_ERRORS
-from server.openapi import event_stream as event_stream_response
+from server.openapi import GENERATION_ERRORS, streamed_or_json
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -154,7 +153,9 @@ def choice_logprobs(
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
-    responses=event_stream_response("text_completion events when `stream` is true", CompletionResponse)
+    responses=streamed_or_json(
+        "The completion; or, when `stream` is true, its chunks as server-sent events", CompletionResponse
+    )
     | GENERATION_ERRORS,
 )
 async def completions(

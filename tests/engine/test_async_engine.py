@@ -8,7 +8,14 @@ import time
 import pytest
 
 from engine.async_engine import AsyncEngine
-from engine.errors import EngineDeadError, QueueTimeoutError, RequestRejected
+from engine.errors import (
+    EngineDeadError,
+    QueueTimeoutError,
+    RequestRejected,
+    RequestStoppedError,
+    SlowConsumerError,
+)
+from engine.outputs import OUTPUT_BYTES
 from tests.engine.helpers import greedy, make_engine, tokens
 
 PROMPT = [1, *range(100, 120)]
@@ -120,3 +127,59 @@ def test_request_not_started_within_the_bound_raises_queue_timeout(hf_dir):
     done, engine = asyncio.run(main())
     assert len(tokens(done)) == 200  # the running request was not disturbed
     assert engine.num_active_requests == 0
+
+
+def test_a_reader_that_stops_reading_has_its_request_aborted_at_the_backlog_bound(hf_dir):
+    """The outputs a caller leaves unread are bounded: past `max_backlog_bytes` the request is
+    aborted in the engine (its blocks freed), later outputs are dropped, and the reader, if it
+    comes back, gets what was kept and then `SlowConsumerError`."""
+    bound = 5 * OUTPUT_BYTES  # five plain outputs
+
+    async def main():
+        engine = AsyncEngine(lambda: make_engine(hf_dir), max_backlog_bytes=bound)
+        engine.start()
+        await engine.wait_ready()
+        stream = engine.generate(PROMPT, greedy(200), "stalled")
+        first = await anext(stream)  # then stop reading
+        blocks = engine.engine.scheduler.blocks
+        deadline = time.monotonic() + 10
+        while (
+            blocks.num_free_blocks != blocks.num_blocks or engine.engine.has_work
+        ) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        held = engine._queues["stalled"].backlog
+        kept = []
+        with pytest.raises(SlowConsumerError, match=f"more than {bound} bytes"):
+            async for out in stream:
+                kept.append(out)
+        other = await collect(engine, "next")  # the engine serves on
+        await engine.shutdown()
+        return first, blocks.num_free_blocks == blocks.num_blocks, held, kept, other, engine
+
+    first, freed, held, kept, other, engine = asyncio.run(main())
+    assert first.new_token_ids and freed
+    assert held <= bound and len(kept) < 10  # nothing beyond the bound was kept
+    assert len(tokens(other)) == 12 and engine.num_active_requests == 0
+
+
+def test_stopping_ends_every_request_and_refuses_new_ones(hf_dir):
+    async def main():
+        engine = AsyncEngine(lambda: make_engine(hf_dir))
+        engine.step_hook = lambda: time.sleep(0.002)
+        engine.start()
+        await engine.wait_ready()
+        running = [asyncio.create_task(collect(engine, f"r{i}", params=greedy(200))) for i in range(3)]
+        await asyncio.sleep(0.2)
+        count = engine.stop_requests(RequestStoppedError("the drain timed out"))
+        results = await asyncio.gather(*running, return_exceptions=True)
+        with pytest.raises(RequestStoppedError):
+            await collect(engine, "late")
+        blocks = engine.engine.scheduler.blocks
+        deadline = time.monotonic() + 5
+        while blocks.num_free_blocks != blocks.num_blocks and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+        return count, results, blocks.num_free_blocks == blocks.num_blocks
+
+    count, results, freed = asyncio.run(main())
+    assert count == 3 and all(isinstance(r, RequestStoppedError) for r in results) and freed

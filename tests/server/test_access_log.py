@@ -63,3 +63,18 @@ def test_a_stream_of_two_choices_and_a_completion_log_each_choice(server):
 def test_the_log_holds_no_prompt_text(server):
     post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": SECRET}]})
     assert SECRET not in server.log.read_text(errors="replace")
+
+
+def test_an_abandoned_stream_logs_abort(server):
+    rid = f"log-{uuid.uuid4().hex[:8]}"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    headers = server.headers() | {"X-Request-Id": rid}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if '"content":"' in line and '"role":"assistant"' not in line:
+                break  # leave after the first token
+    line = logged(server, rid)
+    assert line["finish_reasons"] == ["abort"] and 0 < line["completion_tokens"] < 400

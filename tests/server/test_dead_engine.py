@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from tests.server.conftest import MODEL, start_server
+from tests.server.conftest import MODEL, scrape, start_server
 from tests.server.faulty_server import KILLS_THE_LOOP, SECRET
 
 CHAT = "/v1/chat/completions"
@@ -25,11 +25,17 @@ def test_a_dead_engine_loop_fails_every_waiter_and_exits_non_zero(long_dir, tmp_
             "ignore_eos": True, "temperature": 0}  # fmt: skip
     results: dict[str, object] = {}
 
+    started = threading.Event()
+
     def streaming() -> None:
+        lines = results.setdefault("stream", [])
         with httpx.stream("POST", server.url + CHAT, json=body | {"stream": True}, headers=server.headers(),
                           timeout=60) as r:  # fmt: skip
             results["stream_status"] = r.status_code
-            results["stream"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    started.set()
         results["stream_done"] = time.monotonic()
 
     def waiting() -> None:
@@ -39,7 +45,11 @@ def test_a_dead_engine_loop_fails_every_waiter_and_exits_non_zero(long_dir, tmp_
     threads = [threading.Thread(target=streaming), threading.Thread(target=waiting)]
     for t in threads:
         t.start()
-    time.sleep(1.0)  # both are in the engine, the stream under way
+    assert started.wait(30), "the stream never started"
+    deadline = time.monotonic() + 30
+    while scrape(server).get("num_requests_running", 0) < 2:  # both in the engine, not on their way
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     killed = time.monotonic()
     killer = body | {"random_seed": KILLS_THE_LOOP}
     kill = httpx.post(server.url + CHAT, json=killer, headers=server.headers(), timeout=60)

@@ -73,7 +73,7 @@ def test_sigterm_with_a_stalled_client_ends_streams_cleanly_and_exits_zero(long_
         if server.process.poll() is None:
             server.process.kill()
     assert code == 0, server.log.read_text()[-3000:]
-    assert DRAIN_S - 0.5 < took < DRAIN_S + 10, (
+    assert DRAIN_S - 0.5 < took < DRAIN_S + 15, (
         took
     )  # it drained first, then did not wait for the stalled client
     data = [line for line in lines if line.startswith("data: ")]

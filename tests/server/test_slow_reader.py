@@ -20,7 +20,7 @@ from tests.server.test_shutdown import LONG, stalled_client
 
 BUFFER = 1024 * 1024
 STALL_S = 3
-NORMAL = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
+NORMAL = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 600,
           "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
 MB = 1024 * 1024
 
