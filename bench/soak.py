@@ -12,8 +12,9 @@ httpx pool, as the SDKs are:
 - every valid request asks for exactly `OUTPUT_LEN` tokens (ignore_eos), as the capacity run did.
 
 Reported: requests by outcome, unexpected errors by class (any 5xx, 429, a transport error, a
-4xx to a valid request, a stream without `[DONE]`), and the server's resident memory and KV cache
-usage at the start, middle and end, then KV usage once idle. It passes (`passed`, exit 0) with 0
+4xx to a valid request, a stream without `[DONE]`, a keep-alive connection the server closed),
+and the server's resident memory and KV cache usage at the start, middle and end, then KV
+usage once idle. It passes (`passed`, exit 0) with 0
 unexpected errors, the resident memory at the end within 50 MB of the middle, and the KV cache
 back to 0 when idle.
 """
@@ -126,6 +127,12 @@ class Soak:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.rng = random.Random(seed)  # prompts, bad-request classes, when streams are left, arrivals
         self.sent = self.streams = 0
+        self.connections = 0  # TCP connections the soak's clients opened
+        self.traced = {"trace": self._trace}
+
+    async def _trace(self, event: str, info: dict) -> None:
+        if event == "connection.connect_tcp.complete":
+            self.connections += 1
 
     def client(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
@@ -170,17 +177,20 @@ class Soak:
     async def invalid(self, http: httpx.AsyncClient, tally: Tally) -> None:
         name, status, body = self.rng.choice(INVALID)
         if isinstance(body, bytes):
-            r = await http.post("/v1/chat/completions", content=body.replace(b"MODEL", self.model.encode()),
-                                headers={"Content-Type": "application/json"})  # fmt: skip
+            raw = body.replace(b"MODEL", self.model.encode())
+            headers = {"Content-Type": "application/json"}
+            r = await http.post("/v1/chat/completions", content=raw, headers=headers, extensions=self.traced)
         else:
-            r = await http.post("/v1/chat/completions", json={"model": self.model} | body)
+            r = await http.post(
+                "/v1/chat/completions", json={"model": self.model} | body, extensions=self.traced
+            )
         if r.status_code == status and "error" in r.json():
             tally.outcomes["invalid-refused"] += 1
         else:
             tally.wrong(f"invalid:{name}:{r.status_code}", r.text)
 
     async def plain(self, http: httpx.AsyncClient, tally: Tally) -> None:
-        r = await http.post("/v1/chat/completions", json=self.body(stream=False))
+        r = await http.post("/v1/chat/completions", json=self.body(stream=False), extensions=self.traced)
         if r.status_code != 200:
             return tally.wrong(f"status:{r.status_code}", r.text)
         tally.outcomes["ok"] += 1
@@ -188,7 +198,9 @@ class Soak:
 
     async def stream(self, http: httpx.AsyncClient, tally: Tally, abandon: bool) -> None:
         leave_after = self.rng.randint(1, OUTPUT_LEN // 2)
-        async with http.stream("POST", "/v1/chat/completions", json=self.body(stream=True)) as r:
+        async with http.stream(
+            "POST", "/v1/chat/completions", json=self.body(stream=True), extensions=self.traced
+        ) as r:
             if r.status_code != 200:
                 return tally.wrong(f"status:{r.status_code}", (await r.aread()).decode(errors="replace"))
             chunks, done = 0, False
@@ -246,8 +258,16 @@ class Soak:
                 await asyncio.sleep(duration / 2)
                 probes["middle"] = await self.probe(admin)
 
+            self.connections = 0
             await asyncio.gather(middle(), *(client_loop() for _ in range(clients)))
             probes["end"] = await self.probe(admin)
+            # One connection per client, and a new one after each abandoned stream (leaving a
+            # response unread closes it); any more is a server that closed a keep-alive connection.
+            extra = self.connections - clients - tally.outcomes["abandoned"]
+            if extra > 0:
+                tally.wrong(
+                    "connection-dropped", f"{extra} connections more than clients + abandoned streams"
+                )
             idle_by = time.monotonic() + 30
             while (probe := await self.probe(admin)).running and time.monotonic() < idle_by:
                 await asyncio.sleep(0.2)
