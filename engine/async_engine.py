@@ -34,6 +34,7 @@ from engine.llm_engine import Engine
 from engine.outputs import EngineStats, RequestOutput, held_bytes
 from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
+from engine.structured import CompiledGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class _Add:
     prompt_ids: Sequence[int]
     params: SamplingParams
     context_ids: Sequence[int]
+    grammar: CompiledGrammar | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +142,9 @@ class AsyncEngine:
     ) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of every choice of the request as they are produced; ends when all finished.
 
-        Raises `RequestRejected` before any work for a request that can never be served,
+        A structured request's grammar is compiled (off the engine thread, or found in the cache)
+        before the request is queued. Raises `RequestRejected` (`InvalidStructuredOutput` for a
+        `response_format` that cannot be enforced) before any work for a request that can never be served,
         `QueueTimeoutError` for one that waited past `max_queue_time_s` without starting, and
         `EngineDeadError` if the engine is (or dies while) serving it. Leaving the iteration
         early (a client disconnect cancels the task) aborts the request.
@@ -151,15 +155,21 @@ class AsyncEngine:
             raise RequestStoppedError(str(self._stopped))
         if self.engine is None or not self._ready.is_set():
             raise EngineNotReadyError("the engine is still starting")
+        engine = self.engine
+        engine.validate(prompt_ids, params)  # reads config only: safe from this thread
+        grammar = None
+        if params.structured is not None and engine.grammars is not None:
+            grammar = await engine.grammars.compile(params.structured)
+            if self._stopped is not None:  # the server began stopping while it compiled
+                raise RequestStoppedError(str(self._stopped))
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.validate(prompt_ids, params)  # reads config only: safe from this thread
         waiter = _Waiter()
         self._queues[request_id] = waiter
         if self.dead_error is not None:  # died between the first check and registration
             self._queues.pop(request_id, None)
             raise self.dead_error
-        self._send(_Add(request_id, list(prompt_ids), params, list(context_ids)))
+        self._send(_Add(request_id, list(prompt_ids), params, list(context_ids), grammar))
         remaining = params.n
         try:
             while remaining:
@@ -226,7 +236,11 @@ class AsyncEngine:
             elif command.request_id in self._queues:  # not already abandoned by its caller
                 try:
                     engine.add_request(
-                        command.request_id, command.prompt_ids, command.params, command.context_ids
+                        command.request_id,
+                        command.prompt_ids,
+                        command.params,
+                        command.context_ids,
+                        grammar=command.grammar,
                     )
                 except Exception as exc:
                     self._deliver_threadsafe({command.request_id: exc})

@@ -14,11 +14,13 @@ class EngineError(RuntimeError):
 
 
 class RequestRejected(EngineError, ValueError):
-    """A request the engine can never serve (too long for the context or the KV pool)."""
+    """A request the engine can never serve (too long for the context or the KV pool, or a
+    `response_format` it cannot enforce); `param` names the request field at fault."""
 
-    def __init__(self, message: str, code: str) -> None:
+    def __init__(self, message: str, code: str, param: str = "messages") -> None:
         super().__init__(message)
         self.code = code
+        self.param = param
 
 
 class EngineDeadError(EngineError):

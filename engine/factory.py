@@ -19,6 +19,8 @@ from engine.config import CPU_KV_CACHE_GB, EngineArgs, EngineConfig, context_len
 from engine.llm_engine import Engine
 from engine.memory import CudaMemory, MemoryProbe, check_fits, device_memory_bytes, kv_pool_bytes, plan_memory
 from engine.sampling_params import SamplingParams
+from engine.structured import GrammarCompiler
+from engine.structured.llguidance_backend import LLGuidanceBackend
 from model.batch import BatchBuilder, SequenceChunk
 from model.config import load_config, normalize_dtype_name
 from model.loader import ProgressFn, load_model
@@ -26,6 +28,7 @@ from model.mixtral import MixtralModel, allocate_kv_cache, kv_cache_bytes_per_to
 from model.ops import select_kernels
 from model.quant import resolve_quant
 from tokenization.prompt_encoder import PromptEncoder
+from tokenization.vocabulary import build_vocabulary
 
 logger = logging.getLogger(__name__)
 _GIB = 1024**3
@@ -78,12 +81,19 @@ def build_engine(
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         max_queue_time_s=args.max_queue_time_s,
     )
-    engine = Engine(model, config, encoder, encoder.eos_id, seed=args.seed)
+    engine = Engine(
+        model, config, encoder, encoder.eos_id, seed=args.seed, grammars=grammar_compiler(encoder, model)
+    )
     warm_up(engine, encoder)
     info = EngineInfo(
         weights, num_blocks * per_block, num_blocks * args.block_size, max_len, time.monotonic() - start
     )
     return engine, info
+
+
+def grammar_compiler(encoder: PromptEncoder, model: MixtralModel) -> GrammarCompiler:
+    """Structured output for this tokenizer, over the model's logits (llguidance)."""
+    return GrammarCompiler(LLGuidanceBackend(build_vocabulary(encoder), model.config.vocab_size))
 
 
 def kv_cache_budget(model: MixtralModel, args: EngineArgs, probe: MemoryProbe | None) -> int:

@@ -6,8 +6,11 @@ A step reads schedule -> execute -> update -> process:
   fault policy around it, so a failure while serving one request fails that request only
   (`engine.fault_policy`);
 - the scheduler takes the sampled tokens and applies token-level stops;
-- the output processor detokenizes, finds stop strings and builds each sequence's output
-  (`engine.output_processor`), guarded per request.
+- the output processor detokenizes, finds stop strings, advances grammars and builds each
+  sequence's output (`engine.output_processor`), guarded per request.
+
+A request with structured output (`SamplingParams.structured`) carries a compiled grammar
+(`engine.structured`); before the runner samples, the output processor gives it the masks.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from engine.request import FinishReason, Request
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.structured import CompiledGrammar, GrammarCompiler, InvalidStructuredOutput
 from model.mixtral import MixtralModel
 
 logger = logging.getLogger(__name__)
@@ -41,12 +45,18 @@ class Engine:
         decoder: TextDecoder,
         eos_token_id: int | None,
         seed: int = 0,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
+        """`grammars` compiles structured-output specs for this model's vocabulary (None: a
+        request with `structured` is rejected)."""
         self.config = config
         self.eos_token_id = eos_token_id
+        self.grammars = grammars
         self.scheduler = Scheduler(config)
-        self.runner = ModelRunner(model, config, seed)
-        self.output_processor = OutputProcessor(decoder, self.scheduler.finish)
+        self.output_processor = OutputProcessor(
+            decoder, self.scheduler.finish, grammars.mask_words if grammars is not None else 0
+        )
+        self.runner = ModelRunner(model, config, seed, self.output_processor.grammar_bitmask)
         self.faults = FaultPolicy(
             self.runner, self.scheduler, config, self._fail, self.output_processor.restart_prompt_logprobs
         )
@@ -78,6 +88,8 @@ class Engine:
             raise RequestRejected(
                 f"{total} tokens can never fit the KV cache ({capacity} tokens)", "kv_cache_too_small"
             )
+        if params.structured is not None and self.grammars is None:
+            raise InvalidStructuredOutput("this engine has no grammar backend", "response_format")
 
     def add_request(
         self,
@@ -86,11 +98,19 @@ class Engine:
         params: SamplingParams,
         context_ids: Sequence[int] = (),
         arrival_time: float | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> None:
-        """Queue a request; `context_ids` seed detokenization (a `prefix` the reply continues)."""
+        """Queue a request; `context_ids` seed detokenization (a `prefix` the reply continues).
+
+        A structured request's `grammar` is compiled here when not given (the async facade
+        compiles it off this thread first); `InvalidStructuredOutput` when it cannot be.
+        """
         self.validate(prompt_ids, params)
         if request_id in self.output_processor:
             raise RequestRejected(f"request id {request_id!r} is already in use", "duplicate_request_id")
+        if params.structured is not None and grammar is None:
+            assert self.grammars is not None  # validate() refused it otherwise
+            grammar = self.grammars.get(params.structured)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         choices: list[Request] = []
         for i in range(params.n):
@@ -102,7 +122,7 @@ class Engine:
             if i > 0 and self.config.enable_prefix_caching:
                 req.wait_for = choices[0]
             choices.append(req)
-        self.output_processor.add(request_id, choices, context_ids)
+        self.output_processor.add(request_id, choices, context_ids, grammar)
         for req in choices:
             self.scheduler.add(req)
 

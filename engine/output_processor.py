@@ -3,21 +3,26 @@
 The engine core schedules and runs sequences; this turns each step's tokens into `RequestOutput`s.
 It owns one `SequenceState` per sequence (a choice of an `n > 1` request is a sequence of its
 own): the detokenizer, which also finds stop strings, and the prompt logprobs gathered so far.
-That record is where per-sequence state of later features goes: a grammar matcher of structured
-output would advance there with each accepted token and be restarted with a preempted prompt.
-Plain Python: no torch.
+A sequence under a grammar (structured output) keeps its matcher there too: the matcher advances
+with each token this processor accepts, and only here, so neither a preemption (the tokens stay)
+nor a step retried request by request moves it twice. Before a step samples, the processor fills
+the grammar masks of the sequences that sample (`grammar_bitmask`). Plain Python: no torch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 from engine.errors import ErrorCode
 from engine.outputs import Logprob, RequestOutput, TopLogprob
 from engine.request import FinishReason, Request
 from engine.runner_output import RunnerOutput, TokenLogprob
+from engine.structured import CompiledGrammar, GrammarBitmask, GrammarMatcher
 from tokenization.detokenizer import IncrementalDetokenizer
 
 
@@ -34,24 +39,45 @@ class SequenceState:
     request: Request
     detokenizer: IncrementalDetokenizer
     prompt_logprobs: list[Logprob | None] | None = None  # entries so far; None: none gathered yet
+    matcher: GrammarMatcher | None = None  # structured output: where the text is in its grammar
+
+
+class GrammarViolation(RuntimeError):
+    """A sampled token the sequence's grammar does not allow (the mask and the matcher disagree)."""
 
 
 class OutputProcessor:
-    def __init__(self, decoder: TextDecoder, finish: Callable[[Request, FinishReason], None]) -> None:
-        """`finish` ends a sequence in the scheduler (a stop string ends it here)."""
+    def __init__(
+        self, decoder: TextDecoder, finish: Callable[[Request, FinishReason], None], mask_words: int = 0
+    ) -> None:
+        """`finish` ends a sequence in the scheduler (a stop string or a complete grammar ends it
+        here); `mask_words` is the width of a grammar bitmask row."""
         self.decoder = decoder
         self._finish = finish
+        self.mask_words = mask_words
         self._requests: dict[str, list[SequenceState]] = {}  # the caller's request id -> its choices
         self._sequences: dict[str, SequenceState] = {}  # a sequence's own id -> its state
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
 
-    def add(self, request_id: str, choices: Sequence[Request], context_ids: Sequence[int]) -> None:
-        """Track a request's choices; `context_ids` seed detokenization (a `prefix` the reply continues)."""
+    def add(
+        self,
+        request_id: str,
+        choices: Sequence[Request],
+        context_ids: Sequence[int],
+        grammar: CompiledGrammar | None = None,
+    ) -> None:
+        """Track a request's choices; `context_ids` seed detokenization (a `prefix` the reply
+        continues), and a grammar's matchers start past their text. Raises
+        `InvalidStructuredOutput` before tracking anything if that prefix breaks the grammar."""
+        prefix = self.decoder.decode(list(context_ids)) if context_ids else ""
+        matchers = [grammar.matcher(prefix) if grammar is not None else None for _ in choices]
         states = [
-            SequenceState(req, IncrementalDetokenizer(self.decoder.decode, context_ids, req.params.stop))
-            for req in choices
+            SequenceState(
+                req, IncrementalDetokenizer(self.decoder.decode, context_ids, req.params.stop), matcher=m
+            )
+            for req, m in zip(choices, matchers, strict=True)
         ]
         self._sequences.update((s.request.request_id, s) for s in states)
         self._requests[request_id] = states
@@ -91,13 +117,38 @@ class OutputProcessor:
         if req.request_id not in run.sampled:
             return None
         token = req.token_ids[-1]
+        grammar_done = state.matcher is not None and self._advance(state.matcher, token)
         text = state.detokenizer.add([token])
         if text.stop_string is not None:
             self._finish(req, FinishReason.STOP)
             req.stop_reason = text.stop_string
+        elif grammar_done and not req.is_finished:  # only EOS could follow: stop without the step
+            self._finish(req, FinishReason.STOP)
         new_text = text.text + (state.detokenizer.finish().text if req.is_finished else "")
         logprob = run.logprobs.get(req.request_id)
         return self.output(req, (token,), new_text, (self._logprob(logprob),) if logprob else ())
+
+    @staticmethod
+    def _advance(matcher: GrammarMatcher, token: int) -> bool:
+        """Move the matcher past `token`; whether the grammar is now complete."""
+        if not matcher.accept(token):
+            raise GrammarViolation(f"token {token} broke the grammar: {matcher.error or 'not allowed'}")
+        return matcher.is_finished
+
+    def grammar_bitmask(self, sequence_ids: Sequence[str]) -> GrammarBitmask | None:
+        """The masks of the sequences among `sequence_ids` (the rows a step samples, in order)
+        that have a grammar; None when none has. Advances nothing: a retried step asks again."""
+        rows = [
+            (i, state.matcher)
+            for i, sid in enumerate(sequence_ids)
+            if (state := self._sequences.get(sid)) is not None and state.matcher is not None
+        ]
+        if not rows:
+            return None
+        bits = np.zeros((len(rows), self.mask_words), dtype=np.int32)  # [R, W]
+        for r, (_, matcher) in enumerate(rows):
+            matcher.fill_bitmask(bits[r])
+        return GrammarBitmask([i for i, _ in rows], bits, [m.is_finished for _, m in rows])
 
     def output(
         self,
@@ -148,9 +199,10 @@ class OutputProcessor:
 
     def _logprob(self, entry: TokenLogprob) -> Logprob:
         raw = self.decoder.token_bytes(entry.token_id)
-        top = tuple(
+        top = tuple(  # a token a grammar masked (-inf) is no alternative: JSON cannot even encode it
             TopLogprob(t, (b := self.decoder.token_bytes(t)).decode("utf-8", "replace"), tuple(b), lp)
             for t, lp in entry.top
+            if lp != -math.inf
         )
         return Logprob(
             entry.token_id, raw.decode("utf-8", "replace"), tuple(raw), entry.logprob, entry.rank, top

@@ -10,24 +10,35 @@ Shape legend: T tokens in the step, S sampled sequences, V vocabulary, D hidden 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from engine.config import EngineConfig
 from engine.runner_output import RunnerOutput
-from engine.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
+from engine.sampler import Sampler, SamplingRow, TokenMask, make_generator, prompt_logprobs
 from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.structured import GrammarBitmask
 from model.batch import BatchBuilder, SequenceChunk
 from model.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from model.mixtral import MixtralModel, allocate_kv_cache
 from model.ops import select_kernels
 
+GrammarMasks = Callable[[Sequence[str]], GrammarBitmask | None]
+
 
 class ModelRunner:
-    def __init__(self, model: MixtralModel, config: EngineConfig, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: MixtralModel,
+        config: EngineConfig,
+        seed: int = 0,
+        grammar_masks: GrammarMasks | None = None,
+    ) -> None:
+        """`grammar_masks` gives the grammar masks of the sequences a step samples, by id, in order."""
         self.model = model
         self.config = config
+        self._grammar_masks = grammar_masks
         param = model.embed_tokens.weight
         self.device = param.device
         model.use_kernels(select_kernels(config.kernels, self.device))
@@ -105,11 +116,20 @@ class ModelRunner:
             )
             for c in chunks
         ]
-        out = self.sampler(logits, rows)
+        out = self.sampler(logits, rows, self._token_mask(chunks))
         for chunk, token, logprob in zip(chunks, out.token_ids, out.logprobs, strict=True):
             result.sampled[chunk.request.request_id] = token
             if logprob is not None:
                 result.logprobs[chunk.request.request_id] = logprob
+
+    def _token_mask(self, chunks: Sequence[ScheduledChunk]) -> TokenMask | None:
+        if self._grammar_masks is None:
+            return None
+        bitmask = self._grammar_masks([c.request.request_id for c in chunks])
+        if bitmask is None:
+            return None
+        bits = torch.from_numpy(bitmask.bits).to(self.device, non_blocking=True)  # [R, W]
+        return TokenMask(bitmask.rows, bits, bitmask.finished)
 
     def _generator(self, chunk: ScheduledChunk) -> torch.Generator | None:
         seed = chunk.request.params.seed

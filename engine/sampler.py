@@ -1,8 +1,11 @@
 """Choose the next token of every sequence in a batch from the model's logits.
 
-Order of operations (vLLM v1's): logprobs come from the raw logits; then logit bias, min-tokens
-masking and penalties; then greedy argmax, or temperature, min-p, top-k, top-p and sampling by an
-exponential race (argmax of probs / q with q ~ Exp(1), which picks token i with probability probs[i]).
+Order of operations (vLLM v1's): a grammar mask (structured output) sets the tokens it forbids to
+-inf in the logits themselves, as vLLM masks before its sampler; logprobs come from those logits
+(raw for a row without a grammar, the masked distribution for one with); then logit bias,
+min-tokens masking and penalties, which cannot unmask a token (-inf stays -inf); then greedy
+argmax, or temperature, min-p, top-k, top-p and sampling by an exponential race (argmax of
+probs / q with q ~ Exp(1), which picks token i with probability probs[i]).
 Each stage runs as one pass over the rows that need it and is skipped when no row does, so an
 all-greedy batch without processing costs one argmax.
 
@@ -33,6 +36,19 @@ class SamplingRow:
     output_token_ids: Sequence[int]  # tokens generated so far by this sequence
     generator: torch.Generator | None  # the sequence's own generator when it has a seed, else None
     eos_token_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenMask:
+    """Grammar masks for some rows of a batch: `bits[i]` allows the tokens of row `rows[i]`.
+
+    A mask row is int32 words: token t is allowed when bit t % 32 of word t // 32 is set.
+    `finished[i]`: the grammar allows nothing but EOS, so `min_tokens` gives way to it.
+    """
+
+    rows: list[int]
+    bits: torch.Tensor  # [R, W] int32, on the logits' device
+    finished: list[bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +94,18 @@ class Sampler:
         self.vocab_size = vocab_size
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """Pick a token for each row of `logits` [S, V] (fp32), one row per `SamplingRow`."""
+    def __call__(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], mask: TokenMask | None = None
+    ) -> SamplerOutput:
+        """Pick a token for each row of `logits` [S, V] (fp32), one row per `SamplingRow`; `mask`'s
+        rows are masked in `logits` in place first."""
         if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] != self.vocab_size:
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} for {len(rows)} rows and vocabulary {self.vocab_size}"
             )
-        plan = _make_plan(rows)
+        if mask is not None:
+            apply_token_mask(logits, mask)
+        plan = _make_plan(rows, mask)
         processed = _process(logits, rows, plan)  # [S, V]; `logits` itself stays raw
         if not plan.random:
             token_ids = processed.argmax(dim=-1).tolist()
@@ -136,8 +157,19 @@ class Sampler:
         return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
-def _make_plan(rows: Sequence[SamplingRow]) -> _Plan:
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> None:
+    """Set every token a row's grammar forbids to -inf, in place, on the logits' device."""
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)  # [32]
+    allowed = ((mask.bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]  # [R, V]
+    index = torch.tensor(mask.rows, device=logits.device)  # [R]
+    masked = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))  # [R, V]
+    logits.index_copy_(0, index, masked)
+
+
+def _make_plan(rows: Sequence[SamplingRow], mask: TokenMask | None = None) -> _Plan:
     plan = _Plan()
+    grammar_done = {r for r, done in zip(mask.rows, mask.finished, strict=True) if done} if mask else set()
     for i, row in enumerate(rows):
         p = row.params
         (plan.greedy if p.greedy else plan.random).append(i)
@@ -145,7 +177,11 @@ def _make_plan(rows: Sequence[SamplingRow]) -> _Plan:
             plan.logprobs.append(i)
         if p.logit_bias:
             plan.bias.append(i)
-        if len(row.output_token_ids) < p.min_tokens and (row.eos_token_id is not None or p.stop_token_ids):
+        if (
+            len(row.output_token_ids) < p.min_tokens
+            and (row.eos_token_id is not None or p.stop_token_ids)
+            and i not in grammar_done
+        ):
             plan.min_tokens.append(i)
         if p.needs_penalties:
             plan.penalties.append(i)

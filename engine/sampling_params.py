@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from engine.structured.spec import StructuredOutput
+
 # Fan-out bounds (RELIABILITY.md item 9): a request cannot make the engine do unbounded work.
 MAX_N = 16
 MAX_STOP_STRINGS = 16
@@ -43,6 +45,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None  # same, for every prompt token after the first
+    structured: StructuredOutput | None = None  # a grammar the output must match (response_format)
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1, MAX_N)

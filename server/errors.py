@@ -129,7 +129,7 @@ EXPECTED_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
     APIError: lambda exc: exc,
     InvalidSamplingParams: lambda exc: BadRequest(str(exc), param=exc.param, code="invalid_value"),
     InvalidConversationError: _conversation,
-    RequestRejected: lambda exc: BadRequest(str(exc), param="messages", code=exc.code),
+    RequestRejected: lambda exc: BadRequest(str(exc), param=exc.param, code=exc.code),
     EngineDeadError: lambda exc: engine_dead(),
     QueueTimeoutError: lambda exc: ServiceUnavailable(str(exc), "queue_timeout", retry_after=5),
     EngineNotReadyError: lambda exc: not_ready(),

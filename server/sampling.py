@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.sampling_params import MAX_LOGIT_BIAS, InvalidSamplingParams, SamplingParams
+from engine.structured import StructuredOutput
 from server.errors import BadRequest
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import ServedModel
@@ -67,7 +68,12 @@ def _common(
     }
 
 
-def chat_sampling_params(req: ChatCompletionRequest, prompt_len: int, model: ServedModel) -> SamplingParams:
+def chat_sampling_params(
+    req: ChatCompletionRequest,
+    prompt_len: int,
+    model: ServedModel,
+    structured: StructuredOutput | None = None,
+) -> SamplingParams:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = None
     if req.logprobs:
@@ -76,7 +82,10 @@ def chat_sampling_params(req: ChatCompletionRequest, prompt_len: int, model: Ser
         raise BadRequest("top_logprobs requires logprobs: true", param="top_logprobs")
     end_of_turn = tuple(t for t in model.encoder.stop_token_ids if t != model.encoder.eos_id)
     return _build(
-        **_common(req, max_tokens, prompt_len, model), logprobs=logprobs, stop_token_ids=end_of_turn
+        **_common(req, max_tokens, prompt_len, model),
+        logprobs=logprobs,
+        stop_token_ids=end_of_turn,
+        structured=structured,
     )
 
 

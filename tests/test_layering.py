@@ -40,6 +40,14 @@ def test_the_server_app_and_tokenization_load_no_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_the_scheduler_output_processor_and_grammars_load_no_torch():
+    """STYLE.md: the scheduler imports no torch; nor does the per-request bookkeeping around it
+    (outputs, grammar matchers and masks): only the runner and the sampler touch tensors."""
+    modules = "engine.scheduler, engine.output_processor, engine.structured.llguidance_backend"
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 PACKAGES = ("server", "engine", "model", "tokenization")
 
 

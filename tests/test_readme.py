@@ -87,7 +87,7 @@ def test_the_first_question_gets_the_reply_the_readme_promises(first_command):
 
 def test_every_api_example_runs_as_written(first_command):
     blocks = code_blocks(section("Using the API"))
-    assert [language for language, _ in blocks] == ["bash", "python", "python", "python"]
+    assert [language for language, _ in blocks] == ["bash", "python", "python", "python", "python"]
     curl = json.loads(run_example(*blocks[0], first_command))
     assert curl["object"] == "chat.completion" and curl["choices"][0]["message"]["content"]
     for language, code in blocks[1:]:
@@ -97,6 +97,8 @@ def test_every_api_example_runs_as_written(first_command):
             env = {"PYTHONPATH": os.pathsep.join([str(cwd), str(ROOT)])}
         printed = run_example(language, code, first_command, env, cwd)
         assert printed.strip(), code  # each prints the reply
+        if "response_format=Person" in code:  # the structured-output example prints the parsed model
+            assert re.fullmatch(r"name='[^']*' lastname='[^']*' address='[^']*'", printed.strip()), printed
 
 
 def test_the_engine_example_runs_as_written(first_command, cache):

@@ -163,7 +163,9 @@ class HFPromptEncoder:
         self._bos_id = bos_id
         self._eos_id = eos_id
         self._stop_ids = stop_ids
-        self._added_tokens = {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items()}
+        added = tokenizer.get_added_tokens_decoder()
+        self._added_tokens = {i: token.content for i, token in added.items()}
+        self._special_ids = frozenset(i for i, token in added.items() if token.special)
         self._piece_decoder = _PieceDecoder(tokenizer)
         self._token_bytes: dict[int, bytes] = {}  # filled lazily by token_bytes
 
@@ -232,6 +234,10 @@ class HFPromptEncoder:
     def decode(self, ids: list[int]) -> str:
         """Decode ids, skipping special tokens."""
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def is_special(self, token_id: int) -> bool:
+        """Added tokens marked special (see `PromptEncoder.is_special`)."""
+        return token_id in self._special_ids
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes `token_id` adds to the text (see `PromptEncoder.token_bytes`); cached per id."""

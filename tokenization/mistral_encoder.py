@@ -137,6 +137,13 @@ class MistralPromptEncoder:
         """Decode ids, skipping special tokens."""
         return self._tokenizer.decode(ids)
 
+    def is_special(self, token_id: int) -> bool:
+        """Control tokens and `<unk>` (see `PromptEncoder.is_special`)."""
+        tokenizer = self._text_tokenizer
+        if not 0 <= token_id < tokenizer.n_words:
+            return False
+        return tokenizer.is_special(token_id) or token_id == tokenizer.unk_id
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes `token_id` adds to the text (see `PromptEncoder.token_bytes`); cached per id."""
         cached = self._token_bytes.get(token_id)
@@ -151,6 +158,6 @@ class MistralPromptEncoder:
         if isinstance(tokenizer, Tekkenizer):  # byte-level: each token is a byte string already
             return tokenizer.id_to_byte_piece(token_id, SpecialTokenPolicy.KEEP)
         piece = tokenizer.id_to_piece(token_id)
-        if tokenizer.is_special(token_id) or token_id == tokenizer.unk_id:
+        if self.is_special(token_id):
             return piece.encode("utf-8")  # <s>, </s>, [INST], <unk>: their own text
         return metaspace_piece_bytes(piece)

@@ -52,6 +52,10 @@ class PromptEncoder(Protocol):
         """Decode ids into text, dropping special tokens."""
         ...
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether `token_id` is a control token (BOS, EOS, `[INST]`, `<unk>`), never part of the text."""
+        ...
+
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes one token contributes to the text, as OpenAI logprobs' `bytes` field wants.
 

@@ -28,24 +28,19 @@ from server.protocol import (
     UsageInfo,
     now,
 )
+from server.response_format import ResponseFormat, parse_response_format
 from server.sampling import chat_sampling_params
 from server.sse import event_stream, sse_json
 from server.state import AppState, ServedModel
 from server.streaming import Delta, Generation, Prompt, stream_events
 from tokenization import ChatMessage, parse_messages, with_safe_prompt
+from tokenization.schema_prompt import with_schema_instruction
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
 def check_unsupported(req: ChatCompletionRequest, model: ServedModel) -> None:
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise BadRequest(
-            f"response_format {fmt!r} is not supported yet (no constrained decoding)",
-            param="response_format",
-            code="unsupported_parameter",
-        )
     if req.tools and req.tool_choice != "none" and not model.encoder.supports_tools:
         raise BadRequest(
             f"{model.name} does not support tools (its tokenizer has no tool tokens)",
@@ -54,8 +49,14 @@ def check_unsupported(req: ChatCompletionRequest, model: ServedModel) -> None:
         )
 
 
-async def encode(req: ChatCompletionRequest, model: ServedModel) -> tuple[list[ChatMessage], list[int]]:
+async def encode(
+    req: ChatCompletionRequest, model: ServedModel, response_format: ResponseFormat
+) -> tuple[list[ChatMessage], list[int]]:
+    """The conversation as the model sees it: the schema's instruction, then the guardrail, go
+    before it (`tokenization.schema_prompt`)."""
     messages = parse_messages(req.messages)
+    if response_format.schema is not None:
+        messages = with_schema_instruction(messages, response_format.schema)
     if req.safe_prompt:
         messages = with_safe_prompt(messages)
     prompt_ids = await asyncio.to_thread(model.encoder.encode_chat, messages)
@@ -89,8 +90,9 @@ async def chat_completions(
         logger.info("ignored unknown fields: %s", ", ".join(unknown[:20]))
     model = state.resolve(req.model)
     check_unsupported(req, model)
-    messages, prompt_ids = await encode(req, model)
-    params = chat_sampling_params(req, len(prompt_ids), model)
+    response_format = parse_response_format(req.response_format)
+    messages, prompt_ids = await encode(req, model, response_format)
+    params = chat_sampling_params(req, len(prompt_ids), model, response_format.structured)
     prefix = prefix_of(messages)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     prompt = Prompt(prompt_ids, params, context_ids(model, prompt_ids, prefix))

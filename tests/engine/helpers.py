@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from engine.config import EngineConfig
+from engine.factory import grammar_compiler
 from engine.llm_engine import Engine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -15,10 +16,13 @@ from tokenization.loader import load_prompt_encoder
 EOS = 2
 
 
-def make_engine(hf_dir: Path, **overrides) -> Engine:
+def make_engine(hf_dir: Path, grammars: bool = False, **overrides) -> Engine:
+    """`grammars`: with structured output (llguidance over the checkpoint's tokenizer)."""
     model = load_model(hf_dir, dtype="float32")
     settings = {"max_model_len": 256, "num_kv_blocks": 128, "block_size": 8, "max_num_seqs": 16} | overrides
-    return Engine(model, EngineConfig(**settings), load_prompt_encoder(hf_dir), eos_token_id=EOS)
+    encoder = load_prompt_encoder(hf_dir)
+    compiler = grammar_compiler(encoder, model) if grammars else None
+    return Engine(model, EngineConfig(**settings), encoder, eos_token_id=EOS, grammars=compiler)
 
 
 def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]], max_steps: int = 5000):

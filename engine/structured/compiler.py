@@ -1,0 +1,80 @@
+"""Grammars compiled off the engine thread, into a bounded cache keyed by the spec.
+
+The engine thread never waits for a compile: the async facade awaits `compile` before the request
+is queued, so a request enters the scheduler only with its grammar ready. llguidance releases the
+GIL while it builds a grammar. Concurrent requests for one new schema share one compile. Failures
+are not cached (a bad schema fails in about a millisecond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from engine.structured.backend import CompiledGrammar, GrammarBackend
+from engine.structured.spec import StructuredOutput
+
+DEFAULT_CACHE_SIZE = 256
+
+
+class GrammarCompiler:
+    def __init__(self, backend: GrammarBackend, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self.backend = backend
+        self.cache_size = cache_size
+        self._cache: OrderedDict[StructuredOutput, CompiledGrammar] = OrderedDict()
+        self._pending: dict[StructuredOutput, Future[CompiledGrammar]] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self.num_compiled = 0
+        self.compile_seconds = 0.0  # total time spent compiling
+
+    @property
+    def mask_words(self) -> int:
+        return self.backend.mask_words
+
+    def cached(self, spec: StructuredOutput) -> CompiledGrammar | None:
+        with self._lock:
+            grammar = self._cache.get(spec)
+            if grammar is not None:
+                self._cache.move_to_end(spec)
+            return grammar
+
+    def get(self, spec: StructuredOutput) -> CompiledGrammar:
+        """The compiled grammar, compiling it in this thread if it is not cached."""
+        return self.cached(spec) or self._compile(spec)
+
+    async def compile(self, spec: StructuredOutput) -> CompiledGrammar:
+        """The compiled grammar; a compile runs in the compiler's thread, shared by concurrent callers.
+
+        Raises `InvalidStructuredOutput` for a spec that cannot be enforced.
+        """
+        grammar = self.cached(spec)
+        if grammar is not None:
+            return grammar
+        with self._lock:
+            future = self._pending.get(spec)
+            if future is None:
+                future = self._pending[spec] = self._executor.submit(self._compile, spec)
+        return await asyncio.wrap_future(future)
+
+    def _compile(self, spec: StructuredOutput) -> CompiledGrammar:
+        started = time.perf_counter()
+        try:
+            grammar = self.backend.compile(spec)
+        finally:
+            with self._lock:
+                self._pending.pop(spec, None)
+        with self._lock:
+            self.num_compiled += 1
+            self.compile_seconds += time.perf_counter() - started
+            self._cache[spec] = grammar
+            self._cache.move_to_end(spec)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,74 @@
+"""What a request's output must be, checked and bounded before any grammar is built. No torch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from engine.errors import RequestRejected
+
+# Bounds on a schema (RELIABILITY.md item 9): a request cannot make the grammar compiler do
+# unbounded work. Both are checked in one pass before anything is compiled.
+MAX_SCHEMA_BYTES = 64 * 1024  # as compact JSON text
+MAX_SCHEMA_DEPTH = 32  # nested objects and arrays in the schema document
+
+SCHEMA_PARAM = "response_format.json_schema.schema"
+
+
+class InvalidStructuredOutput(RequestRejected):
+    """A `response_format` the engine cannot enforce: `param` names the field, the message the cause."""
+
+    def __init__(self, message: str, param: str = SCHEMA_PARAM) -> None:
+        super().__init__(f"{param}: {message}", "invalid_response_format", param=param)
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """Any JSON object (`json_object`) or an instance of a JSON schema (`json_schema`).
+
+    `schema` is the schema as compact JSON text, key order kept (it is also the grammar cache key:
+    two requests with the same schema share one compiled grammar).
+    """
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str = ""
+
+    @classmethod
+    def json_object(cls) -> StructuredOutput:
+        return cls("json_object")
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any]) -> StructuredOutput:
+        """Raises `InvalidStructuredOutput` for a schema past the size or depth bound."""
+        if not isinstance(schema, Mapping):
+            raise InvalidStructuredOutput("must be a JSON object")
+        depth = _depth(schema)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidStructuredOutput(f"nested {depth} levels deep; at most {MAX_SCHEMA_DEPTH}")
+        text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+        size = len(text.encode("utf-8"))
+        if size > MAX_SCHEMA_BYTES:
+            raise InvalidStructuredOutput(f"{size} bytes as JSON; at most {MAX_SCHEMA_BYTES}")
+        return cls("json_schema", text)
+
+
+def _depth(document: object) -> int:
+    """Nesting depth of objects and arrays, iteratively (a hostile document cannot overflow the stack);
+    stops counting once past the bound."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(document, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, Mapping):
+            children: list[object] = list(node.values())
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_SCHEMA_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
