@@ -10,8 +10,9 @@ with Mistral's v1 tokenizer and the schema corpus of `tests/structured/schemas.p
    temperature 1 with its own seed) against none: the free run replays the constrained run's
    requests with exactly the output lengths those had (`min_tokens` = `max_tokens`,
    `ignore_eos`), so both runs do the same steps over the same batch shapes; only the grammar
-   work differs (prefix caching is off, so the replay computes its prompts again). The median of `--rounds` alternating pairs; the ratio is constrained / free.
-   Target (the issue's): at most 10% loss at 32 clients.
+   work differs (prefix caching is off, so the replay computes its prompts again). The median
+   of `--rounds` alternating pairs; the ratio is constrained / free. Target (the issue's): at
+   most 10% loss at 32 clients.
 2. Grammar time per step in the constrained runs, as a share of the step: filling the masks,
    applying them to the logits, and advancing the matchers.
 3. Time from arrival to the first mask, per schema (p50/p99 over the corpus), cold (an empty

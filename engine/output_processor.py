@@ -148,7 +148,8 @@ class OutputProcessor:
         bits = np.zeros((len(rows), self.mask_words), dtype=np.int32)  # [R, W]
         for r, (_, matcher) in enumerate(rows):
             matcher.fill_bitmask(bits[r])
-        return GrammarBitmask([i for i, _ in rows], bits, [m.is_finished for _, m in rows])
+        # A broken matcher allows only EOS (then fails at `accept`): min_tokens must not mask that.
+        return GrammarBitmask([i for i, _ in rows], bits, [m.is_finished or bool(m.error) for _, m in rows])
 
     def output(
         self,

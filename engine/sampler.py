@@ -160,8 +160,10 @@ class Sampler:
 def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> None:
     """Set every token a row's grammar forbids to -inf, in place, on the logits' device."""
     vocab = logits.shape[1]
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)  # [32]
-    allowed = ((mask.bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]  # [R, V]
+    # int32 words as little-endian bytes: token t is bit t % 8 of byte t // 8 ([R, 4W] uint8).
+    packed = mask.bits.contiguous().view(torch.uint8)
+    shifts = torch.arange(8, device=logits.device, dtype=torch.uint8)  # [8]
+    allowed = ((packed.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]  # [R, V]
     index = torch.tensor(mask.rows, device=logits.device)  # [R]
     masked = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))  # [R, V]
     logits.index_copy_(0, index, masked)

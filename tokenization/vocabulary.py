@@ -91,7 +91,10 @@ class TokenVocabulary:
 def build_vocabulary(encoder: PromptEncoder) -> TokenVocabulary:
     """The grammar engine's view of `encoder`'s tokenizer (about 0.2 s for 32k tokens)."""
     size = encoder.vocab_size
-    special = frozenset(t for t in range(size) if encoder.is_special(t))
+    # EOS, BOS and end-of-turn tokens are control tokens even where a tokenizer does not flag
+    # them: a grammar must never let one pass for text (the scheduler stops on it).
+    ends = {encoder.eos_id, *encoder.stop_token_ids, *([] if encoder.bos_id is None else [encoder.bos_id])}
+    special = frozenset(t for t in range(size) if t in ends or encoder.is_special(t))
     tokens = tuple(encoder.token_bytes(t) for t in range(size))
     return TokenVocabulary(
         tokens, special, encoder.eos_id, encoder.bos_id, _strips_leading_space(encoder), encoder

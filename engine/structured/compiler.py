@@ -2,8 +2,9 @@
 
 The engine thread never waits for a compile: the async facade awaits `compile` before the request
 is queued, so a request enters the scheduler only with its grammar ready. llguidance releases the
-GIL while it builds a grammar. Concurrent requests for one new schema share one compile. Failures
-are not cached (a bad schema fails in about a millisecond).
+GIL while it builds a grammar. Concurrent requests for one new schema share one compile, which
+goes on when one of them is cancelled (its client left). Failures are not cached (a bad schema
+fails in about a millisecond).
 """
 
 from __future__ import annotations
@@ -37,37 +38,47 @@ class GrammarCompiler:
 
     def cached(self, spec: StructuredOutput) -> CompiledGrammar | None:
         with self._lock:
-            grammar = self._cache.get(spec)
-            if grammar is not None:
-                self._cache.move_to_end(spec)
-            return grammar
+            return self._lookup(spec)
+
+    def _lookup(self, spec: StructuredOutput) -> CompiledGrammar | None:
+        grammar = self._cache.get(spec)
+        if grammar is not None:
+            self._cache.move_to_end(spec)
+        return grammar
 
     def get(self, spec: StructuredOutput) -> CompiledGrammar:
-        """The compiled grammar, compiling it in this thread if it is not cached."""
-        return self.cached(spec) or self._compile(spec)
+        """The compiled grammar, waiting for (or doing, in this thread) its compile if not cached."""
+        with self._lock:
+            grammar = self._lookup(spec)
+            future = self._pending.get(spec)
+        if grammar is not None:
+            return grammar
+        return future.result() if future is not None else self._compile(spec)
 
     async def compile(self, spec: StructuredOutput) -> CompiledGrammar:
         """The compiled grammar; a compile runs in the compiler's thread, shared by concurrent callers.
 
+        A caller that is cancelled while it waits leaves the compile running for the others.
         Raises `InvalidStructuredOutput` for a spec that cannot be enforced.
         """
-        grammar = self.cached(spec)
-        if grammar is not None:
-            return grammar
         with self._lock:
+            grammar = self._lookup(spec)
+            if grammar is not None:
+                return grammar
             future = self._pending.get(spec)
             if future is None:
                 future = self._pending[spec] = self._executor.submit(self._compile, spec)
-        return await asyncio.wrap_future(future)
+                future.add_done_callback(lambda _: self._forget_pending(spec))
+        return await asyncio.shield(asyncio.wrap_future(future))
+
+    def _forget_pending(self, spec: StructuredOutput) -> None:
+        with self._lock:
+            self._pending.pop(spec, None)
 
     def _compile(self, spec: StructuredOutput) -> CompiledGrammar:
         started = time.perf_counter()
-        try:
-            grammar = self.backend.compile(spec)
-        finally:
-            with self._lock:
-                self._pending.pop(spec, None)
-        with self._lock:
+        grammar = self.backend.compile(spec)
+        with self._lock:  # cached before the pending entry goes: no window for a second compile
             self.num_compiled += 1
             self.compile_seconds += time.perf_counter() - started
             self._cache[spec] = grammar

@@ -12,9 +12,12 @@ compute and test (`tokenization.vocabulary`):
   the first mask also allows every token whose bytes after one leading space start an instance
   (a second view of the vocabulary, with that space removed, gives those tokens).
 
-JSON is compact (no whitespace between tokens), whatever the schema's `x-guidance` asks: with
-flexible whitespace a weak model can emit spaces forever. Unimplemented keywords are errors
-(`lenient: false`), so no part of a schema is ever ignored.
+JSON is compact (no whitespace between tokens, `,` and `:`): with flexible whitespace a weak model
+can emit spaces forever. Unimplemented keywords are errors (`lenient: false`), so no part of a
+schema is ever ignored. A schema cannot set these options (`x-guidance` is refused in `spec`).
+
+A matcher that breaks (a grammar past llguidance's limits mid-reply) allows only EOS; the
+sequence then fails instead of stopping: `accept` refuses every token of a broken matcher.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class LLGuidanceMatcher:
 
     def accept(self, token_id: int) -> bool:
         matcher = self._matcher
+        if matcher.is_error():  # broken while computing its mask: EOS would end a partial reply
+            return False
         if self._first_mask is None or not self._vocab.strips_leading_space:
             self._first_mask = None
             return matcher.consume_token(token_id)
@@ -109,7 +114,11 @@ class LLGuidanceMatcher:
         data = self._vocab.tokens[token_id] if token_id < self._vocab.size else b""
         if not data.startswith(b" ") or token_id in self._vocab.special_ids:
             return matcher.consume_token(token_id)  # not allowed either way: the matcher says so
-        return matcher.consume_tokens(self._vocab.exact_tokenize(data[1:].decode("utf-8")))
+        try:
+            text = data[1:].decode("utf-8")
+        except UnicodeDecodeError:  # a piece of a character: it cannot start a reply's text
+            return False
+        return matcher.consume_tokens(self._vocab.exact_tokenize(text))
 
     @property
     def is_finished(self) -> bool:

@@ -15,6 +15,9 @@ MAX_SCHEMA_BYTES = 64 * 1024  # as compact JSON text
 MAX_SCHEMA_DEPTH = 32  # nested objects and arrays in the schema document
 
 SCHEMA_PARAM = "response_format.json_schema.schema"
+# llguidance reads its compile options (separators, whitespace, leniency) from this key of a
+# schema; they are the server's to set (compact JSON, nothing ignored), so a schema may not.
+ENGINE_OPTIONS_KEY = "x-guidance"
 
 
 class InvalidStructuredOutput(RequestRejected):
@@ -44,9 +47,13 @@ class StructuredOutput:
         """Raises `InvalidStructuredOutput` for a schema past the size or depth bound."""
         if not isinstance(schema, Mapping):
             raise InvalidStructuredOutput("must be a JSON object")
-        depth = _depth(schema)
+        depth, engine_options = _shape(schema)
         if depth > MAX_SCHEMA_DEPTH:
             raise InvalidStructuredOutput(f"nested {depth} levels deep; at most {MAX_SCHEMA_DEPTH}")
+        if engine_options:
+            raise InvalidStructuredOutput(
+                f"{ENGINE_OPTIONS_KEY} is not accepted: the grammar engine's options are the server's"
+            )
         text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
         size = len(text.encode("utf-8"))
         if size > MAX_SCHEMA_BYTES:
@@ -54,14 +61,15 @@ class StructuredOutput:
         return cls("json_schema", text)
 
 
-def _depth(document: object) -> int:
-    """Nesting depth of objects and arrays, iteratively (a hostile document cannot overflow the stack);
-    stops counting once past the bound."""
-    deepest = 0
+def _shape(document: object) -> tuple[int, bool]:
+    """Nesting depth of objects and arrays (counted up to just past the bound), and whether any
+    object carries `x-guidance`; iterative, so a hostile document cannot overflow the stack."""
+    deepest, engine_options = 0, False
     stack: list[tuple[object, int]] = [(document, 1)]
     while stack:
         node, level = stack.pop()
         if isinstance(node, Mapping):
+            engine_options = engine_options or ENGINE_OPTIONS_KEY in node
             children: list[object] = list(node.values())
         elif isinstance(node, list):
             children = node
@@ -69,6 +77,6 @@ def _depth(document: object) -> int:
             continue
         deepest = max(deepest, level)
         if deepest > MAX_SCHEMA_DEPTH:
-            return deepest
+            return deepest, engine_options
         stack.extend((child, level + 1) for child in children)
-    return deepest
+    return deepest, engine_options

@@ -94,8 +94,17 @@ async def chat_completions(
     messages, prompt_ids = await encode(req, model, response_format)
     params = chat_sampling_params(req, len(prompt_ids), model, response_format.structured)
     prefix = prefix_of(messages)
+    context = context_ids(model, prompt_ids, prefix)
+    if params.structured is not None and prefix and model.encoder.decode(context) != prefix:
+        # The grammar continues the text the prompt's tail decodes to; the reply is prefix + text.
+        raise BadRequest(
+            "the assistant prefix does not decode back to itself after tokenization, so a "
+            "structured reply cannot continue it exactly",
+            param="messages",
+            code="invalid_response_format",
+        )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    prompt = Prompt(prompt_ids, params, context_ids(model, prompt_ids, prefix))
+    prompt = Prompt(prompt_ids, params, context)
     generation = Generation(state.engine, request, [prompt], [request_id])
     if req.stream:
         await generation.start()  # errors before the first token are plain HTTP errors

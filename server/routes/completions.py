@@ -164,6 +164,12 @@ async def completions(
     if unknown := req.unknown_fields():
         logger.info("ignored unknown fields: %s", ", ".join(unknown[:20]))
     model = state.resolve(req.model)
+    if (req.model_extra or {}).get("response_format") not in (None, {"type": "text"}):
+        raise BadRequest(
+            "response_format is supported on /v1/chat/completions only",
+            param="response_format",
+            code="unsupported_parameter",
+        )
     prompts = await prompts_of(req, model)
     rid = f"cmpl-{uuid.uuid4().hex}"
     engine_ids = [f"{rid}-{k}" for k in range(len(prompts))]

@@ -90,9 +90,10 @@ def test_json_object_and_sampled_n4_replies_are_json(http) -> None:
     person = {"type": "json_schema", "json_schema": {"name": "b", "schema": SCHEMAS["pydantic_person"]}}
     r = chat(http, person, temperature=1.0, n=4, seed=3, max_tokens=150)
     assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 4
     for choice in r.json()["choices"]:
-        if choice["finish_reason"] == "stop":
-            jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMAS["pydantic_person"])
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMAS["pydantic_person"])
     r = chat(http, {"type": "json_object"}, temperature=0, max_tokens=24)
     content = r.json()["choices"][0]["message"]["content"]
     assert r.status_code == 200 and content.startswith("{")  # a random model's object may not end in 24
@@ -128,6 +129,7 @@ BAD_FORMATS = {
     "invalid-schema": (json_schema_format({"type": "foo"}), SCHEMA, "Invalid type: foo"),
     "unsupported-keyword": (json_schema_format(UNSUPPORTED["not"]), SCHEMA, '["not"]'),
     "oversized": (json_schema_format(WIDE), SCHEMA, "bytes as JSON; at most 65536"),
+    "engine-options": (json_schema_format({"x-guidance": {"lenient": True}}), SCHEMA, "x-guidance"),
 }
 
 
@@ -139,6 +141,13 @@ def test_bad_response_formats_get_a_400_naming_the_field(http, response_format, 
     error = r.json()["error"]
     assert error["param"] == param and says in error["message"], error
     assert chat(http, None, max_tokens=2).status_code == 200  # the same connection serves on
+
+
+def test_completions_refuse_a_response_format(http) -> None:
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "response_format": {"type": "json_object"}}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+    assert http.post("/v1/completions", json=body | {"response_format": {"type": "text"}}).status_code == 200
 
 
 def reference_ids(tokenizer: MistralTokenizer, system: str, user: str) -> list[int]:

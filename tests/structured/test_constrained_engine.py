@@ -57,7 +57,7 @@ def test_every_schema_greedy_sampled_and_n4_gives_valid_json(engine) -> None:
     total = sum(reasons.values())
     assert total == len(SCHEMAS) * (1 + len(SEEDS) + 4)
     print(f"\n{total} constrained outputs: {dict(reasons)}")  # the share cut by max_tokens is reported
-    assert reasons["stop"] >= 0.9 * total, reasons
+    assert set(reasons) <= {"stop", "length"} and reasons["stop"] >= 0.9 * total, reasons
     assert engine.scheduler.blocks.num_free_blocks == engine.config.num_kv_blocks
 
 
@@ -99,6 +99,15 @@ def test_a_step_retried_alone_and_preemption_never_advance_a_matcher_twice(hf_di
         return real_execute(sched)
 
     engine.runner.execute = fails_every_seventh_batch
+    real_sample = engine.runner.sampler
+
+    def fails_after_the_masks(logits, rows, mask=None):  # the masks were filled: retried, filled again
+        if len(rows) > 1 and engine.num_steps % 11 == 0 and mask is not None:
+            failed.append(engine.num_steps)
+            raise RuntimeError("injected fault after the masks")
+        return real_sample(logits, rows, mask)
+
+    engine.runner.sampler = fails_after_the_masks
     outs = run(engine, requests)
     assert failed and engine.num_retried_steps == len(failed)
     assert engine.scheduler.num_preemptions > 0
@@ -163,3 +172,19 @@ def test_a_prefix_is_part_of_the_instance(engine, hf_dir) -> None:
         outs += [o for o in engine.step() if o.request_id == "p"]
     assert outs[-1].finish_reason is FinishReason.STOP
     jsonschema.validate(json.loads(prefix + text(outs)), SCHEMAS["flat_record"])
+
+
+def test_min_tokens_gives_way_when_a_prefix_already_completes_the_instance(engine, hf_dir) -> None:
+    """The grammar allows only EOS from the first step: min_tokens must not mask it (that would
+    leave no token at all)."""
+    from tokenization import load_prompt_encoder
+
+    encoder = load_prompt_encoder(hf_dir)
+    prefix = '{"name":"A","age":3,"active":true}'
+    context = encoder.encode_text(prefix, bos=False)
+    params = constrained(SCHEMAS["flat_record"], temperature=1.0, seed=1, min_tokens=5)
+    engine.add_request("done", PROMPT + context, params, context)
+    outs = []
+    while engine.has_work:
+        outs += [o for o in engine.step() if o.request_id == "done"]
+    assert outs[-1].finish_reason is FinishReason.STOP and text(outs) == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -105,14 +106,19 @@ def test_control_tokens_never_match_text_and_eos_only_ends_an_instance(backend: 
     assert not matcher.is_finished
 
 
-def test_whitespace_is_compact_even_when_the_schema_asks_otherwise(backend: LLGuidanceBackend, vocab):
-    schema = {"type": "object", "x-guidance": {"whitespace_flexible": True, "lenient": True}}
-    matcher = backend.compile(StructuredOutput.json_schema(schema)).matcher()
+def test_whitespace_is_compact_and_a_schema_cannot_set_the_engines_options(backend, vocab) -> None:
+    matcher = backend.compile(StructuredOutput.json_schema({"type": "object"})).matcher()
     assert matcher.accept(vocab.tokens.index(b"{"))
     after = {vocab.tokens[t] for t in allowed(matcher, backend.mask_words)}
     assert b'"' in after and not any(t.startswith((b" ", b"\n")) for t in after)
-    with pytest.raises(InvalidStructuredOutput):  # lenient would ignore the keyword: refused still
-        backend.compile(StructuredOutput.json_schema(schema | {"not": {"type": "object"}}))
+    for options in ({"whitespace_flexible": True}, {"item_separator": "x", "key_separator": "y"}):
+        for schema in ({"type": "object", "x-guidance": options}, {"anyOf": [{"x-guidance": options}]}):
+            with pytest.raises(InvalidStructuredOutput, match="x-guidance is not accepted"):
+                StructuredOutput.json_schema(schema)
+
+
+def test_end_of_turn_tokens_are_special_even_unflagged(vocab) -> None:
+    assert {0, 1, EOS} <= vocab.special_ids
 
 
 def test_a_prefix_is_consumed_first_and_must_start_an_instance(backend: LLGuidanceBackend, vocab) -> None:
@@ -139,6 +145,39 @@ def test_the_compiler_caches_by_spec_and_shares_a_compile(backend: LLGuidanceBac
         assert compiler.cached(specs[0]) is None and compiler.num_compiled == 3
         with pytest.raises(InvalidStructuredOutput):
             await compiler.compile(StructuredOutput.json_schema(UNSUPPORTED["not"]))
+
+    asyncio.run(main())
+    compiler.close()
+
+
+def test_a_cancelled_caller_leaves_the_compile_to_the_others(backend: LLGuidanceBackend) -> None:
+    """A client that leaves while its schema waits for the compiler must not cancel the compile
+    for the others waiting on it, nor poison the schema for later requests."""
+    release = threading.Event()
+
+    class Slow:
+        mask_words = backend.mask_words
+        name = "slow"
+
+        def compile(self, spec):
+            release.wait(5)
+            return backend.compile(spec)
+
+    compiler = GrammarCompiler(Slow())
+    blocker, spec = (StructuredOutput.json_schema(SCHEMAS[n]) for n in ("boolean", "flat_record"))
+
+    async def main() -> None:
+        first = asyncio.ensure_future(compiler.compile(blocker))  # occupies the one worker
+        leaving = asyncio.ensure_future(compiler.compile(spec))
+        staying = asyncio.ensure_future(compiler.compile(spec))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        release.set()
+        grammar = await staying
+        assert (await first) is not None and grammar is compiler.cached(spec)
+        assert (await compiler.compile(spec)) is grammar and compiler.num_compiled == 2
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
 
     asyncio.run(main())
     compiler.close()
