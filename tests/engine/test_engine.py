@@ -299,8 +299,8 @@ def test_out_of_memory_after_sampling_keeps_seeded_tokens_and_prompt_logprobs(hf
     real_sampler = engine.runner.sampler
     calls = {"n": 0}
 
-    def sample_then_fail(logits, rows):
-        result = real_sampler(logits, rows)  # generators advanced
+    def sample_then_fail(logits, rows, mask=None):
+        result = real_sampler(logits, rows, mask)  # generators advanced
         calls["n"] += 1
         if calls["n"] == 2:  # a decode step (2 of the request's MAX_OOM_RETRIES with the one below)
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")

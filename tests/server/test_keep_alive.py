@@ -103,7 +103,7 @@ REFUSED = [
     Case("context-length", 400, chat(messages=[{"role": "user", "content": LONG}]), code=TOO_LONG),
     Case("context-length-completion", 400, {"json": {"model": MODEL, "prompt": LONG}, "path": COMPLETIONS},
          code=TOO_LONG),
-    Case("json-mode", 400, chat(response_format={"type": "json_object"}), "response_format"),
+    Case("response-format", 400, chat(response_format={"type": "xml"}), "response_format.type"),
     Case("tools", 400, chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     Case("suffix", 400, {"json": {"model": MODEL, "prompt": "a", "suffix": "b"}, "path": COMPLETIONS},
          "suffix"),
