@@ -11,7 +11,15 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    Strict,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 Number = Annotated[float, Strict()]  # int or float, never a string or bool
@@ -174,10 +182,32 @@ class ChoiceLogprobs(BaseModel):
     content: list[LogprobOut]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ToolCallDeltaOut(BaseModel):
+    """A piece of a streamed call: its id, type and name first (arguments ""), then its arguments
+    in fragments. A fragment's `name` is "": the `mistralai` SDK requires the key, and `openai`'s
+    stream helper concatenates it."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallOut
+
+
 class AssistantMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str  # never null: mistralai 0.4.2 requires a string
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallOut] | None = None
     prefix: bool = False
 
 
@@ -200,6 +230,14 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDeltaOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChunkChoice(BaseModel):

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 V1_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+# Mistral 7B Instruct v0.3's and Mixtral 8x22B Instruct's: tool tokens, 32768 pieces.
+V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,12 @@ def hf_dense(kind: str, shape: TinyShape, seed: int = 0, tie: bool = False):
     return model_cls(cfg).eval()
 
 
-def write_hf_mixtral(model, shape: TinyShape, out: Path) -> Path:
-    """Save in the published HF layout: shards + index, published config keys, v1 tokenizer."""
+def write_hf_mixtral(model, shape: TinyShape, out: Path, tokenizer: Path = V1_TOKENIZER) -> Path:
+    """Save in the published HF layout: shards + index, published config keys, and the tokenizer
+    (v1's unless told) as a plain `tokenizer.model`, the name published checkpoints use."""
     model.save_pretrained(out, max_shard_size="1MB")
     (out / "config.json").write_text(json.dumps(published_mixtral_config(shape), indent=2))
-    shutil.copy(V1_TOKENIZER, out / "tokenizer.model")
+    shutil.copy(tokenizer, out / "tokenizer.model")
     return out
 
 

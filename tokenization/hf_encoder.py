@@ -8,15 +8,17 @@ first, with mistral-common's rule, so a conversation means the same thing on bot
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from tokenization.chat_template import ChatTemplate
-from tokenization.errors import TokenizerNotFoundError
+from tokenization.errors import TokenizerNotFoundError, UnsupportedFeatureError
 from tokenization.messages import ChatMessage, merge_consecutive
 from tokenization.prompt_encoder import METASPACE, metaspace_piece_bytes
+from tokenization.tool_calls import FunctionTool
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
@@ -222,8 +224,14 @@ class HFPromptEncoder:
             [_template_message(m) for m in merged], continue_final_message=merged[-1].prefix
         )
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    @property
+    def tool_calls_id(self) -> int | None:
+        return None
+
+    def encode_chat(self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()) -> list[int]:
         """Render the conversation and encode it without adding special tokens."""
+        if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+            raise UnsupportedFeatureError("tool calls need a Mistral tokenizer with tool tokens")
         return self._tokenizer.encode(self.render(messages), add_special_tokens=False).ids
 
     def encode_text(self, text: str, bos: bool) -> list[int]:

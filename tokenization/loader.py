@@ -9,8 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from mistral_common.tokens.tokenizers.base import TokenizerVersion
+
 from tokenization.errors import TokenizerNotFoundError
-from tokenization.hf_encoder import TOKENIZER_JSON, HFPromptEncoder, read_json
+from tokenization.hf_encoder import (
+    TOKENIZER_CONFIG_JSON,
+    TOKENIZER_JSON,
+    HFPromptEncoder,
+    load_template_source,
+    read_json,
+)
 from tokenization.mistral_encoder import PLAIN_SENTENCEPIECE_NAME, MistralPromptEncoder
 from tokenization.prompt_encoder import PromptEncoder
 
@@ -52,11 +60,27 @@ def _is_mistral_layout(model_dir: Path) -> bool:
     return read_json(model_dir / CONFIG_JSON).get("model_type") in MISTRAL_MODEL_TYPES
 
 
+def _fine_tuned_template(
+    model_dir: Path, path: Path, encoder: MistralPromptEncoder, has_hf_tokenizer: bool
+) -> bool:
+    """A plain v2/v3 `tokenizer.model` beside a `tokenizer.json` whose chat template is not
+    Mistral's (no `[INST]`): a fine-tune with its own format (ChatML), encoded by its template."""
+    plain = path.name == PLAIN_SENTENCEPIECE_NAME
+    if not plain or not has_hf_tokenizer or encoder.version == TokenizerVersion.v1:
+        return False
+    try:
+        source = load_template_source(model_dir, read_json(model_dir / TOKENIZER_CONFIG_JSON))
+    except TokenizerNotFoundError:
+        return False
+    return "[INST]" not in source
+
+
 def load_prompt_encoder(model_dir: str | Path, mode: TokenizerMode = "auto") -> PromptEncoder:
     """Load the prompt encoder for `model_dir`.
 
-    With `mode="auto"`, a plain `tokenizer.model` whose vocabulary is not v1's falls back to
-    `tokenizer.json` + template (e.g. a ChatML fine-tune of Mistral 7B) when that exists.
+    A plain `tokenizer.model` is read as the Mistral version its model is (v1, v2 or v3). With
+    `mode="auto"`, a v2/v3 one beside a `tokenizer.json` whose chat template is not Mistral's
+    (e.g. a ChatML fine-tune of Mistral 7B v0.3) is encoded by that template instead.
 
     Raises:
         TokenizerNotFoundError: when the directory holds no usable tokenizer.
@@ -70,10 +94,13 @@ def load_prompt_encoder(model_dir: str | Path, mode: TokenizerMode = "auto") -> 
     path = find_mistral_tokenizer_file(model_dir, assume_mistral=mode == "mistral")
     if path is not None:
         try:
-            return MistralPromptEncoder.from_file(path)
+            encoder = MistralPromptEncoder.from_file(path)
         except TokenizerNotFoundError:
             if mode == "mistral" or not has_hf_tokenizer:
                 raise
+        else:
+            if mode == "mistral" or not _fine_tuned_template(model_dir, path, encoder, has_hf_tokenizer):
+                return encoder
     elif mode == "mistral":
         raise TokenizerNotFoundError(
             f"{model_dir} has no mistral-common tokenizer (tekken.json, tokenizer.model*)"

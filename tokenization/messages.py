@@ -6,10 +6,12 @@ conversation is accepted or refused the same way whichever tokenizer serves the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from tokenization.errors import InvalidConversationError, UnsupportedFeatureError
+from tokenization.tool_calls import FUNCTION_NAME, ToolCall, ToolCallIdError, mistral_tool_call_id
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -43,7 +45,8 @@ class ChatMessage:
     content: str
     prefix: bool = False
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = None  # a tool result's call, as a Mistral id (`tool_calls` module)
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls, with Mistral ids
 
 
 @dataclass(slots=True)
@@ -86,7 +89,6 @@ def parse_messages(
 
     Raises:
         InvalidConversationError: with `index` set to the offending message where there is one.
-        UnsupportedFeatureError: for tool calls, which are not supported yet.
     """
     if not isinstance(raw, list):
         raise InvalidConversationError("messages must be a list")
@@ -117,6 +119,7 @@ def merge_consecutive(messages: list[ChatMessage]) -> list[ChatMessage]:
             prefix=previous.prefix or message.prefix,
             name=previous.name,
             tool_call_id=previous.tool_call_id,
+            tool_calls=previous.tool_calls + message.tool_calls,
         )
     return merged
 
@@ -125,18 +128,55 @@ def _parse_message(item: object, index: int, budget: _Budget) -> ChatMessage:
     if not isinstance(item, dict):
         raise InvalidConversationError("each message must be an object", index)
     role = _parse_role(item.get("role"), index)
-    if role == "assistant" and item.get("tool_calls"):
-        raise UnsupportedFeatureError("tool calls are not supported", index)
-    content = _parse_content(item.get("content"), index, budget)
-    if role == "assistant" and not content:
-        raise InvalidConversationError("an assistant message must have non-empty content", index)
+    calls = _parse_tool_calls(item.get("tool_calls"), index) if role == "assistant" else ()
+    raw_content = item.get("content")
+    content = "" if calls and raw_content is None else _parse_content(raw_content, index, budget)
+    if role == "assistant" and not content and not calls:
+        raise InvalidConversationError(
+            "an assistant message must have non-empty content or tool calls", index
+        )
+    tool_call_id = _optional_str(item, "tool_call_id", index)
+    if role == "tool":
+        if tool_call_id is None:
+            raise InvalidConversationError("a tool message needs the tool_call_id it answers", index)
+        tool_call_id = _mistral_id(tool_call_id, index)
     return ChatMessage(
         role=role,
         content=content,
         prefix=_parse_prefix(item.get("prefix"), role, index),
         name=_optional_str(item, "name", index),
-        tool_call_id=_optional_str(item, "tool_call_id", index),
+        tool_call_id=tool_call_id,
+        tool_calls=calls,
     )
+
+
+def _mistral_id(client_id: str, index: int) -> str:
+    try:
+        return mistral_tool_call_id(client_id)
+    except ToolCallIdError as exc:
+        raise InvalidConversationError(str(exc), index) from None
+
+
+def _parse_tool_calls(value: object, index: int) -> tuple[ToolCall, ...]:
+    """An assistant message's `tool_calls` (OpenAI's shape), ids mapped to Mistral's."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidConversationError("tool_calls must be a list", index)
+    calls = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(call.get("id"), str):
+            raise InvalidConversationError("each tool call needs an id and a function", index)
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str) or FUNCTION_NAME.fullmatch(name) is None:
+            raise InvalidConversationError(f"tool call function name {name!r} is not a valid name", index)
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        if not isinstance(arguments, str):
+            raise InvalidConversationError("tool call arguments must be a JSON string", index)
+        calls.append(ToolCall(_mistral_id(call["id"], index), name, arguments))
+    return tuple(calls)
 
 
 def _parse_role(value: object, index: int) -> Role:
@@ -208,7 +248,12 @@ def _check_structure(messages: list[ChatMessage]) -> None:
         previous, current = messages[index - 1].role, messages[index].role
         if current not in _ALLOWED_NEXT[previous]:
             raise InvalidConversationError(f"role {current!r} cannot follow role {previous!r}", index)
+    called: set[str] = set()
     for index, message in enumerate(messages):
-        if message.role == "tool":
-            # Tool calls are refused above, so no tool message can answer one.
-            raise InvalidConversationError("a tool message must answer an assistant tool call", index)
+        called.update(call.id for call in message.tool_calls)
+        if message.role == "tool" and message.tool_call_id not in called:
+            raise InvalidConversationError(
+                f"tool message answers tool call {message.tool_call_id!r}, which no earlier assistant "
+                "message made",
+                index,
+            )

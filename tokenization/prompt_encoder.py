@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Protocol
 
 from tokenization.messages import ChatMessage
+from tokenization.tool_calls import FunctionTool
 
 # SentencePiece's word-boundary marker, which decodes to a space.
 METASPACE = "\u2581"
@@ -40,8 +42,15 @@ class PromptEncoder(Protocol):
         """Whether the tokenizer can encode tool definitions and tool calls."""
         ...
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        """Encode a validated conversation into prompt ids (generation prompt or prefix included)."""
+    @property
+    def tool_calls_id(self) -> int | None:
+        """The control token that opens a reply's tool calls (`[TOOL_CALLS]`), or None without tools."""
+        ...
+
+    def encode_chat(self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()) -> list[int]:
+        """Encode a validated conversation into prompt ids (generation prompt or prefix included),
+        with the tools it offers. Raises `UnsupportedFeatureError` for tools or tool calls on a
+        tokenizer without tool tokens."""
         ...
 
     def encode_text(self, text: str, bos: bool) -> list[int]:

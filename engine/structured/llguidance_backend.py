@@ -175,28 +175,31 @@ class LLGuidanceBackend:
         return self._tokenizer
 
     def compile(self, spec: StructuredOutput) -> LLGuidanceGrammar:
-        schema = spec.schema if spec.kind == "json_schema" else _ANY_OBJECT
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
-        except ValueError as exc:
-            raise InvalidStructuredOutput(str(exc)) from None
+        if spec.kind == "lark":
+            grammar = llguidance.LLMatcher.grammar_from_lark(spec.schema)
+        else:
+            schema = spec.schema if spec.kind == "json_schema" else _ANY_OBJECT
+            try:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+            except ValueError as exc:
+                raise InvalidStructuredOutput(str(exc), spec.param) from None
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             grammar, self._tokenizer, limits=self._limits
         )
         if is_error or messages:  # a warning names a part of the schema that would not be enforced
-            raise InvalidStructuredOutput(f"cannot be enforced: {'; '.join(messages)}")
+            raise InvalidStructuredOutput(f"cannot be enforced: {'; '.join(messages)}", spec.param)
         template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._limits)
         if template.is_error():
-            raise InvalidStructuredOutput(f"cannot be enforced: {template.get_error()}")
-        first = self._initial_mask(template)
+            raise InvalidStructuredOutput(f"cannot be enforced: {template.get_error()}", spec.param)
+        first = self._initial_mask(template, spec)
         if self._start_tokenizer is not None:
             start = llguidance.LLMatcher(self._start_tokenizer, grammar, log_level=0, limits=self._limits)
-            first |= self._initial_mask(start)
+            first |= self._initial_mask(start, spec)
         return LLGuidanceGrammar(self, template, first)
 
-    def _initial_mask(self, matcher: llguidance.LLMatcher) -> np.ndarray:
+    def _initial_mask(self, matcher: llguidance.LLMatcher, spec: StructuredOutput) -> np.ndarray:
         row = np.zeros(self.mask_words, dtype=np.int32)
         matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
         if matcher.is_error():
-            raise InvalidStructuredOutput(f"cannot be enforced: {matcher.get_error()}")
+            raise InvalidStructuredOutput(f"cannot be enforced: {matcher.get_error()}", spec.param)
         return row

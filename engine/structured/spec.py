@@ -29,36 +29,45 @@ class InvalidStructuredOutput(RequestRejected):
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
-    """Any JSON object (`json_object`) or an instance of a JSON schema (`json_schema`).
+    """Any JSON object (`json_object`), an instance of a JSON schema (`json_schema`), or a text of
+    a grammar the server writes (`lark`, llguidance's Lark: tool calls).
 
-    `schema` is the schema as compact JSON text, key order kept (it is also the grammar cache key:
-    two requests with the same schema share one compiled grammar).
+    `schema` is the schema as compact JSON text, key order kept, or the Lark text (it is also the
+    grammar cache key: two requests with the same one share one compiled grammar).
     """
 
-    kind: Literal["json_object", "json_schema"]
+    kind: Literal["json_object", "json_schema", "lark"]
     schema: str = ""
+    param: str = SCHEMA_PARAM  # the request field a compile error names
+
+    @classmethod
+    def lark(cls, grammar: str, param: str) -> StructuredOutput:
+        """A grammar of the server's own (never a client's text: it may name control tokens),
+        built from the request field `param` (tools)."""
+        return cls("lark", grammar, param)
 
     @classmethod
     def json_object(cls) -> StructuredOutput:
         return cls("json_object")
 
     @classmethod
-    def json_schema(cls, schema: Mapping[str, Any]) -> StructuredOutput:
-        """Raises `InvalidStructuredOutput` for a schema past the size or depth bound."""
+    def json_schema(cls, schema: Mapping[str, Any], param: str = SCHEMA_PARAM) -> StructuredOutput:
+        """Raises `InvalidStructuredOutput` (naming `param`) for a schema past the size or depth
+        bound, or one that sets the grammar engine's options."""
         if not isinstance(schema, Mapping):
-            raise InvalidStructuredOutput("must be a JSON object")
+            raise InvalidStructuredOutput("must be a JSON object", param)
         depth, engine_options = _shape(schema)
         if depth > MAX_SCHEMA_DEPTH:
-            raise InvalidStructuredOutput(f"nested {depth} levels deep; at most {MAX_SCHEMA_DEPTH}")
+            raise InvalidStructuredOutput(f"nested {depth} levels deep; at most {MAX_SCHEMA_DEPTH}", param)
         if engine_options:
             raise InvalidStructuredOutput(
-                f"{ENGINE_OPTIONS_KEY} is not accepted: the grammar engine's options are the server's"
+                f"{ENGINE_OPTIONS_KEY} is not accepted: the grammar engine's options are the server's", param
             )
         text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
         size = len(text.encode("utf-8"))
         if size > MAX_SCHEMA_BYTES:
-            raise InvalidStructuredOutput(f"{size} bytes as JSON; at most {MAX_SCHEMA_BYTES}")
-        return cls("json_schema", text)
+            raise InvalidStructuredOutput(f"{size} bytes as JSON; at most {MAX_SCHEMA_BYTES}", param)
+        return cls("json_schema", text, param)
 
 
 def _shape(document: object) -> tuple[int, bool]:

@@ -33,6 +33,8 @@ from server.sampling import chat_sampling_params
 from server.sse import event_stream, sse_json
 from server.state import AppState, ServedModel
 from server.streaming import Delta, Generation, Prompt, stream_events
+from server.tool_output import ToolCallChunks, collected_reply
+from server.tools import ToolRequest, parse_tools
 from tokenization import ChatMessage, parse_messages, with_safe_prompt
 from tokenization.schema_prompt import with_schema_instruction
 
@@ -40,26 +42,39 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def check_unsupported(req: ChatCompletionRequest, model: ServedModel) -> None:
-    if req.tools and req.tool_choice != "none" and not model.encoder.supports_tools:
+def check_unsupported(tools: ToolRequest | None, response_format: ResponseFormat, model: ServedModel) -> None:
+    if tools is None or not tools.offered:
+        return
+    if model.encoder.tool_calls_id is None:
         raise BadRequest(
             f"{model.name} does not support tools (its tokenizer has no tool tokens)",
             param="tools",
             code="unsupported_parameter",
         )
+    if response_format.structured is not None:
+        raise BadRequest(
+            "response_format and tools cannot both shape one reply; send tool_choice 'none' or no "
+            "response_format",
+            param="response_format",
+            code="unsupported_parameter",
+        )
 
 
 async def encode(
-    req: ChatCompletionRequest, model: ServedModel, response_format: ResponseFormat
+    req: ChatCompletionRequest,
+    model: ServedModel,
+    response_format: ResponseFormat,
+    tools: ToolRequest | None = None,
 ) -> tuple[list[ChatMessage], list[int]]:
-    """The conversation as the model sees it: the schema's instruction, then the guardrail, go
-    before it (`tokenization.schema_prompt`)."""
+    """The conversation as the model sees it (with the tools it offers): the schema's
+    instruction, then the guardrail, go before it (`tokenization.schema_prompt`)."""
     messages = parse_messages(req.messages)
     if response_format.schema is not None:
         messages = with_schema_instruction(messages, response_format.schema)
     if req.safe_prompt:
         messages = with_safe_prompt(messages)
-    prompt_ids = await asyncio.to_thread(model.encoder.encode_chat, messages)
+    offered = tools.offered if tools is not None else ()
+    prompt_ids = await asyncio.to_thread(model.encoder.encode_chat, messages, offered)
     return messages, prompt_ids
 
 
@@ -89,10 +104,15 @@ async def chat_completions(
     if unknown := req.unknown_fields():
         logger.info("ignored unknown fields: %s", ", ".join(unknown[:20]))
     model = state.resolve(req.model)
-    check_unsupported(req, model)
+    tools = parse_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
     response_format = parse_response_format(req.response_format)
-    messages, prompt_ids = await encode(req, model, response_format)
-    params = chat_sampling_params(req, len(prompt_ids), model, response_format.structured)
+    check_unsupported(tools, response_format, model)
+    messages, prompt_ids = await encode(req, model, response_format, tools)
+    tool_calls_id = model.encoder.tool_calls_id
+    structured = response_format.structured
+    if tools is not None and tool_calls_id is not None:
+        structured = tools.grammar(tool_calls_id)
+    params = chat_sampling_params(req, len(prompt_ids), model, structured)
     prefix = prefix_of(messages)
     context = context_ids(model, prompt_ids, prefix)
     if params.structured is not None and prefix and model.encoder.decode(context) != prefix:
@@ -109,11 +129,12 @@ async def chat_completions(
     if req.stream:
         await generation.start()  # errors before the first token are plain HTTP errors
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunks = ChatChunks(req.model, request_id, params.n, params.logprobs is not None)
+        chunks = ChatChunks(req.model, request_id, params.n, params.logprobs is not None, tool_calls_id)
         return event_stream(
             stream_events(generation, chunks, include_usage, request_id), state.stall_timeout_s
         )
     choices = await generation.collect()
+    replies = [collected_reply(c, tool_calls_id) for c in choices]
     return ChatCompletionResponse(
         id=request_id,
         created=now(),
@@ -121,11 +142,11 @@ async def chat_completions(
         choices=[
             ChatChoice(
                 index=i,
-                message=AssistantMessageOut(content=prefix + c.text, prefix=bool(prefix)),
-                finish_reason=c.finish_reason,
+                message=AssistantMessageOut(content=prefix + content, tool_calls=calls, prefix=bool(prefix)),
+                finish_reason=finish,
                 logprobs=logprobs_out(c.logprobs) if params.logprobs is not None else None,
             )
-            for i, c in enumerate(choices)
+            for i, (c, (content, calls, finish)) in enumerate(zip(choices, replies, strict=True))
         ],
         usage=generation.usage(),
     )
@@ -150,12 +171,15 @@ def logprobs_out(entries: list[Logprob]) -> ChoiceLogprobs:
 class ChatChunks:
     """`chat.completion.chunk`s (API.md, "Streaming"): a `StreamFormat` of the streaming core."""
 
-    def __init__(self, model_name: str, request_id: str, n: int, logprobs: bool) -> None:
+    def __init__(
+        self, model_name: str, request_id: str, n: int, logprobs: bool, tool_calls_id: int | None = None
+    ) -> None:
         self.model_name = model_name
         self.request_id = request_id
         self.n = n
         self.logprobs = logprobs
         self.created = now()
+        self.tool_calls = ToolCallChunks(tool_calls_id)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage_info: UsageInfo | None = None) -> str:
         chunk = ChatCompletionChunk(
@@ -169,14 +193,17 @@ class ChatChunks:
 
     def delta(self, delta: Delta, usage: UsageInfo | None) -> str | None:
         lp = logprobs_out(list(delta.logprobs)) if self.logprobs and delta.logprobs else None
-        if not delta.text and delta.finish_reason is None and lp is None:
-            return None
-        choice = ChatChunkChoice(
-            index=delta.index,
-            delta=DeltaMessage(content=delta.text),
-            finish_reason=delta.finish_reason,
-            logprobs=lp,
-        )
+        calls = self.tool_calls.take(delta)
+        if calls is not None:  # a reply of tool calls: their deltas instead of its text
+            tool_deltas, finish = calls
+            if tool_deltas is None and finish is None and lp is None:
+                return None
+            message = DeltaMessage(tool_calls=tool_deltas)
+        else:
+            if not delta.text and delta.finish_reason is None and lp is None:
+                return None
+            message, finish = DeltaMessage(content=delta.text), delta.finish_reason
+        choice = ChatChunkChoice(index=delta.index, delta=message, finish_reason=finish, logprobs=lp)
         return self._chunk([choice], usage)
 
     def failed(self, index: int) -> str:

@@ -51,10 +51,27 @@ def test_tekken(tmp_path: Path) -> None:
     assert encoder.vocab_size == 131072
 
 
-def test_plain_v3_file_is_not_guessed_as_v1(tmp_path: Path) -> None:
+def test_a_plain_v3_file_is_read_as_v3_from_the_model_itself(tmp_path: Path) -> None:
+    """Published checkpoints (Mistral 7B Instruct v0.3) ship v3 as a plain `tokenizer.model`."""
     shutil.copyfile(V3_MODEL, tmp_path / "tokenizer.model")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(TokenizerNotFoundError, match="tokenizer.model.vN"):
+    encoder = load_prompt_encoder(tmp_path)
+    assert isinstance(encoder, MistralPromptEncoder) and encoder.version == TokenizerVersion.v3
+    reference = load_prompt_encoder(_versioned(tmp_path / "versioned"))
+    messages = parse_messages([{"role": "user", "content": "Hi"}])
+    assert encoder.encode_chat(messages) == reference.encode_chat(messages)
+
+
+def _versioned(directory: Path) -> Path:
+    directory.mkdir()
+    shutil.copyfile(V3_MODEL, directory / "tokenizer.model.v3")
+    return directory
+
+
+def test_a_plain_v7_file_is_refused_since_only_its_name_tells_its_variant(tmp_path: Path) -> None:
+    shutil.copyfile(MISTRAL_DATA / "mistral_instruct_tokenizer_241114.model.v7", tmp_path / "tokenizer.model")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(TokenizerNotFoundError, match="none of Mistral's v1, v2 or v3"):
         load_prompt_encoder(tmp_path)
 
 
@@ -62,9 +79,9 @@ def test_non_v1_mistral_fine_tune_falls_back_to_template(smol_dir: Path, tmp_pat
     directory = Path(shutil.copytree(smol_dir, tmp_path / "chatml_mistral"))
     shutil.copyfile(V3_MODEL, directory / "tokenizer.model")
     (directory / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    assert isinstance(load_prompt_encoder(directory), HFPromptEncoder)
-    with pytest.raises(TokenizerNotFoundError):
-        load_prompt_encoder(directory, mode="mistral")
+    assert isinstance(load_prompt_encoder(directory), HFPromptEncoder)  # its ChatML template
+    forced = load_prompt_encoder(directory, mode="mistral")
+    assert isinstance(forced, MistralPromptEncoder) and forced.version == TokenizerVersion.v3
 
 
 def test_plain_sentencepiece_of_another_family_is_not_mistral(smol_dir: Path, tmp_path: Path) -> None:

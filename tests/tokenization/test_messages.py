@@ -54,8 +54,14 @@ INVALID: list[tuple[str, Any, int | None]] = [
 UNSUPPORTED: list[tuple[str, Any, int]] = [
     ("image_chunk", [U, A, {"role": "user", "content": [{"type": "text", "text": "see"}, IMAGE]}], 2),
     ("audio_chunk", [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], 0),
-    ("tool_calls_null_content", [U, {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}, U], 1),
 ]
+
+
+def test_an_assistant_tool_call_with_null_content_parses_with_its_id() -> None:
+    messages = parse_messages([U, {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}, U])
+    (call,) = messages[1].tool_calls
+    assert messages[1].content == "" and call.id == TOOL_CALL["id"][-9:]
+    assert call.name == TOOL_CALL["function"]["name"]
 
 
 @pytest.mark.parametrize(("raw", "index"), [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
