@@ -195,13 +195,23 @@ class ToolCallOut(BaseModel):
 
 class ToolCallDeltaOut(BaseModel):
     """A piece of a streamed call: its id, type and name first (arguments ""), then its arguments
-    in fragments. A fragment's `name` is "": the `mistralai` SDK requires the key, and `openai`'s
-    stream helper concatenates it."""
+    in fragments, without id and type. A fragment's `name` is "": the `mistralai` SDK requires
+    the key, and `openai`'s stream helper concatenates it to nothing."""
 
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionCallOut
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_id_and_type(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A fragment leaves `id` and `type` out: `openai`'s stream helper overwrites them with
+        what a delta says, and a null `type` fails its check."""
+        data: dict[str, Any] = handler(self)
+        for key in ("id", "type"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class AssistantMessageOut(BaseModel):

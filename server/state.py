@@ -40,7 +40,7 @@ class ServedModel:
             max_context_length=self.max_model_len,
             aliases=list(self.aliases),
             default_model_temperature=self.default_temperature,
-            capabilities=ModelCapabilities(function_calling=self.encoder.supports_tools),
+            capabilities=ModelCapabilities(function_calling=self.encoder.tool_calls_id is not None),
         )
 
 

@@ -3,22 +3,19 @@
 A reply holds calls when its first token is `[TOOL_CALLS]` (the grammar of `server.tools` makes
 a reply either free text or `[TOOL_CALLS]` and the calls, never both). Its text after that
 token, which decoding never shows, is the JSON list of calls (`tokenization.tool_calls`).
-- Collected: `message.tool_calls` with fresh 9-character ids, `content` "", and
-  `finish_reason: "tool_calls"`. A reply cut by `max_tokens` keeps `length` and its raw text.
 - Streamed: each call's id, type and name in one delta (arguments ""), then its arguments in
-  fragments as they come; the last chunk says `tool_calls`.
+  fragments as they come; the last chunk says `tool_calls` once the list has ended.
+- Collected: the same calls, `content` "" and the same finish reason: `tool_calls`, or for a
+  reply cut short (`max_tokens`, a stop string) its own reason and the calls as far as they got.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from server.protocol import FunctionCallOut, ToolCallDeltaOut, ToolCallOut
 from server.streaming import Choice, Delta
 from tokenization.tool_calls import ToolCallStream, parse_tool_calls
-
-logger = logging.getLogger(__name__)
 
 
 def opens_tool_calls(token_ids: list[int] | tuple[int, ...], tool_calls_id: int | None) -> bool:
@@ -29,32 +26,41 @@ Reply = tuple[str, list[ToolCallOut] | None, str | None]  # content, tool calls,
 
 
 def collected_reply(choice: Choice, tool_calls_id: int | None) -> Reply:
-    """(content, tool calls, finish reason) of a collected choice."""
-    if not opens_tool_calls(choice.token_ids, tool_calls_id) or choice.finish_reason != "stop":
+    """(content, tool calls, finish reason) of a collected choice: a stream's rule, applied whole."""
+    if not opens_tool_calls(choice.token_ids, tool_calls_id):
         return choice.text, None, choice.finish_reason
-    try:
-        calls = parse_tool_calls(choice.text)
-    except ValueError:  # the grammar forbids this; a reply without one (auto, free) never gets here
-        logger.exception("a reply that opened tool calls does not parse: %r", choice.text[:200])
-        return choice.text, None, choice.finish_reason
-    out = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
-    return "", out, "tool_calls"
+    stream = parse_tool_calls(choice.text)
+    out = [
+        ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+        for c in stream.calls
+    ]
+    return "", out or None, finish(choice.finish_reason, stream)
+
+
+def finish(reason: str | None, stream: ToolCallStream) -> str | None:
+    """`tool_calls` for a reply whose list of calls ended; a reply cut short keeps its reason
+    (`length`, or `stop` for a stop string), and its calls so far are as a stream sent them."""
+    return "tool_calls" if reason == "stop" and stream.closed else reason
 
 
 @dataclass
 class ToolCallChunks:
-    """The streamed tool calls of each choice of one request."""
+    """The streamed tool calls of each choice of one request. Whether a choice is a reply of
+    calls is decided by its first token only (`tool_calls_id` is None when no tools are offered)."""
 
     tool_calls_id: int | None
-    _streams: dict[int, ToolCallStream] = field(default_factory=dict)  # choices that opened calls
+    _streams: dict[int, ToolCallStream | None] = field(default_factory=dict)  # None: free text
 
     def take(self, delta: Delta) -> tuple[list[ToolCallDeltaOut] | None, str | None] | None:
-        """For a choice in tool-call mode: its call deltas and finish reason; None for free text."""
-        stream = self._streams.get(delta.index)
+        """For a choice of calls: its call deltas and finish reason; None for free text."""
+        if delta.index not in self._streams:
+            if not delta.token_ids:
+                return None  # decided by the first delta that carries a token
+            opens = opens_tool_calls(delta.token_ids, self.tool_calls_id)
+            self._streams[delta.index] = ToolCallStream() if opens else None
+        stream = self._streams[delta.index]
         if stream is None:
-            if not opens_tool_calls(delta.token_ids, self.tool_calls_id):
-                return None
-            stream = self._streams[delta.index] = ToolCallStream()
+            return None
         out = [
             ToolCallDeltaOut(
                 index=d.index,
@@ -64,5 +70,4 @@ class ToolCallChunks:
             )
             for d in stream.feed(delta.text)
         ]
-        finish = "tool_calls" if delta.finish_reason == "stop" else delta.finish_reason
-        return out or None, finish
+        return out or None, finish(delta.finish_reason, stream)

@@ -29,20 +29,21 @@ class ToolRequest:
     """The tools a request offers the model, and what it must do with them."""
 
     tools: tuple[FunctionTool, ...]
-    choice: str  # auto, none, required, or a function's name
+    choice: str  # auto, none, required, or function (then `function` names it)
     parallel: bool
+    function: str | None = None
 
     @property
     def offered(self) -> tuple[FunctionTool, ...]:
         """The tools the prompt lists (none under `tool_choice: none`)."""
         return () if self.choice == "none" else self.tools
 
-    def grammar(self, tool_calls_id: int) -> StructuredOutput | None:
-        """What the reply must match, or None (no tools offered)."""
-        if not self.offered:
-            return None
+    def grammar(self, tool_calls_id: int) -> StructuredOutput:
+        """What a reply must match when tools are offered."""
         forced = self.choice != "auto"
-        tools = [t for t in self.tools if t.name == self.choice] if self.choice not in CHOICES else self.tools
+        tools = (
+            [t for t in self.tools if t.name == self.function] if self.choice == "function" else self.tools
+        )
         return StructuredOutput.lark(tool_call_grammar(tools, tool_calls_id, forced, self.parallel), "tools")
 
 
@@ -72,6 +73,8 @@ def _function(raw: object, i: int) -> FunctionTool:
         raise _bad(f"{param} must be a JSON schema (an object)", param)
     try:
         StructuredOutput.json_schema(parameters, param)  # the size, depth and option bounds
+        if not isinstance(parameters.get("$schema", ""), str):
+            raise _bad(f"{param}.$schema must be a string", param)
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except InvalidStructuredOutput as exc:
         raise _bad(str(exc), param) from None
@@ -92,20 +95,20 @@ def parse_tools(tools: object, tool_choice: object, parallel: object) -> ToolReq
     names = [f.name for f in functions]
     if len(set(names)) != len(names):
         raise _bad("tools: two functions have the same name", "tools")
-    choice = _choice(tool_choice, names)
+    choice, named = _choice(tool_choice, names)
     if parallel is not None and not isinstance(parallel, bool):
         raise _bad("parallel_tool_calls must be a boolean", "parallel_tool_calls")
-    return ToolRequest(functions, choice, parallel is not False)
+    return ToolRequest(functions, choice, parallel is not False, named)
 
 
-def _choice(value: object, names: list[str]) -> str:
+def _choice(value: object, names: list[str]) -> tuple[str, str | None]:
     if value is None:
-        return "auto"
+        return "auto", None
     if isinstance(value, str):
         if value not in CHOICES:
             allowed = ", ".join(CHOICES)
             raise _bad(f"tool_choice must be one of {allowed} or a function; got {value!r}", "tool_choice")
-        return "required" if value == "any" else value
+        return ("required" if value == "any" else value), None
     function = value.get("function") if isinstance(value, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
@@ -113,4 +116,4 @@ def _choice(value: object, names: list[str]) -> str:
         raise _bad(f"tool_choice must be a string or name a function: {shape}", "tool_choice")
     if name not in names:
         raise _bad(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
-    return name
+    return "function", name

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from tokenization.chat_template import ChatTemplate
 from tokenization.errors import TokenizerNotFoundError, UnsupportedFeatureError
-from tokenization.messages import ChatMessage, merge_consecutive
+from tokenization.messages import ChatMessage, merge_consecutive, tool_message_index
 from tokenization.prompt_encoder import METASPACE, metaspace_piece_bytes
 from tokenization.tool_calls import FunctionTool
 
@@ -230,8 +230,9 @@ class HFPromptEncoder:
 
     def encode_chat(self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()) -> list[int]:
         """Render the conversation and encode it without adding special tokens."""
-        if tools or any(m.tool_calls or m.role == "tool" for m in messages):
-            raise UnsupportedFeatureError("tool calls need a Mistral tokenizer with tool tokens")
+        if tools or tool_message_index(messages) is not None:
+            where = tool_message_index(messages)
+            raise UnsupportedFeatureError("tool calls need a Mistral tokenizer with tool tokens", where)
         return self._tokenizer.encode(self.render(messages), add_special_tokens=False).ids
 
     def encode_text(self, text: str, bos: bool) -> list[int]:

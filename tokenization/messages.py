@@ -102,6 +102,11 @@ def parse_messages(
     return messages
 
 
+def tool_message_index(messages: list[ChatMessage]) -> int | None:
+    """The first message that makes or answers a tool call, or None."""
+    return next((i for i, m in enumerate(messages) if m.tool_calls or m.role == "tool"), None)
+
+
 def merge_consecutive(messages: list[ChatMessage]) -> list[ChatMessage]:
     """Merge runs of same-role system, user or assistant messages into one (tool messages stay apart).
 
@@ -250,7 +255,14 @@ def _check_structure(messages: list[ChatMessage]) -> None:
             raise InvalidConversationError(f"role {current!r} cannot follow role {previous!r}", index)
     called: set[str] = set()
     for index, message in enumerate(messages):
-        called.update(call.id for call in message.tool_calls)
+        for call in message.tool_calls:
+            if call.id in called:
+                raise InvalidConversationError(
+                    f"two tool calls have the Mistral id {call.id!r} (a client's id stands for its "
+                    "last 9 characters)",
+                    index,
+                )
+            called.add(call.id)
         if message.role == "tool" and message.tool_call_id not in called:
             raise InvalidConversationError(
                 f"tool message answers tool call {message.tool_call_id!r}, which no earlier assistant "

@@ -33,7 +33,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from pydantic import ValidationError
 
 from tokenization.errors import InvalidConversationError, TokenizerNotFoundError, UnsupportedFeatureError
-from tokenization.messages import ChatMessage
+from tokenization.messages import ChatMessage, tool_message_index
 from tokenization.prompt_encoder import metaspace_piece_bytes
 from tokenization.tool_calls import TOOL_CALLS_TOKEN, FunctionTool
 
@@ -177,8 +177,9 @@ class MistralPromptEncoder:
     def encode_chat(self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()) -> list[int]:
         """Encode a conversation (and the tools it offers) with mistral-common; its refusals become
         InvalidConversationError."""
-        if not self.supports_tools and (tools or any(m.tool_calls or m.role == "tool" for m in messages)):
-            raise UnsupportedFeatureError(f"tokenizer {self.version.value} has no tool tokens")
+        if not self.supports_tools and (tools or tool_message_index(messages) is not None):
+            where = tool_message_index(messages)
+            raise UnsupportedFeatureError(f"tokenizer {self.version.value} has no tool tokens", where)
         try:
             request = ChatCompletionRequest(
                 messages=[to_mistral_message(message) for message in messages],

@@ -26,6 +26,7 @@ from typing import Any
 
 TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
 MAX_PARALLEL_CALLS = 8  # calls in one reply (a model cannot call tools forever)
+ID_KEY = '"id": "'  # v3 writes a call's id after its arguments
 TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -74,45 +75,48 @@ class ToolCall:
     arguments: str
 
 
-def _call_schema(tools: Sequence[FunctionTool], parallel: bool) -> dict[str, Any]:
-    calls = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": tool.name}, "arguments": dict(tool.parameters)},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for tool in tools
-    ]
-    schema: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
-    schema["minItems"] = 1
-    schema["maxItems"] = MAX_PARALLEL_CALLS if parallel else 1
-    return schema
+def _lark_string(text: str) -> str:
+    """`text` as a Lark string literal (JSON's escaping is Lark's)."""
+    return json.dumps(text)
 
 
 def tool_call_grammar(
     tools: Sequence[FunctionTool], tool_calls_id: int, forced: bool, parallel: bool = True
 ) -> str:
-    """llguidance Lark: the `[TOOL_CALLS]` token (`tool_calls_id`) and a compact JSON list of calls
-    to `tools`; under `auto` (`forced` false) free text instead, which can never contain a control
-    token. (Lark names a token by id, `<[5]>`: `<[TOOL_CALLS]>` would read as a malformed id.)"""
-    schema = _call_schema(tools, parallel) | {"x-guidance": TRAINED_JSON}
-    calls = f"calls: %json {json.dumps(schema, separators=(',', ':'))}"
+    """llguidance Lark: the `[TOOL_CALLS]` token (`tool_calls_id`), then a JSON list of calls as
+    mistral-common writes them: `[{"name": "f", "arguments": {...}}, ...]`, each call's optional
+    `"id"` after its arguments (v3 writes one in a conversation). Under `auto` (`forced` false),
+    free text instead, which can never contain a control token.
+
+    Each function's arguments are a `%json` rule of their own, so the `$ref`s of its `parameters`
+    resolve against its own root. (Lark names a token by id, `<[5]>`: `<[TOOL_CALLS]>` would read
+    as a malformed id.)
+    """
+    lines = []
+    for i, tool in enumerate(tools):
+        head = _lark_string(f'{{"name": "{tool.name}", "arguments": ')
+        lines.append(
+            f'call_{i}: {head} args_{i} ({_lark_string(", ")} {_lark_string(ID_KEY)} ID "\\"")? "}}"'
+        )
+        lines.append(f"args_{i}: %json {json.dumps(dict(tool.parameters) | {'x-guidance': TRAINED_JSON})}")
+    more = f" ({_lark_string(', ')} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else ""
+    calls = [
+        f'calls: "[" call{more} "]"',
+        "call: " + " | ".join(f"call_{i}" for i in range(len(tools))),
+        *lines,
+        "ID: /[a-zA-Z0-9]{9}/",
+    ]
     token = f"<[{tool_calls_id}]>"
-    if forced:
-        return f'start: {token} " "? calls\n{calls}\n'
-    return f'start: TEXT | {token} " "? calls\nTEXT: /(?s:.+)/\n{calls}\n'
+    start = f'start: {token} " "? calls' if forced else f'start: TEXT | {token} " "? calls\nTEXT: /(?s:.+)/'
+    return "\n".join([start, *calls]) + "\n"
 
 
-def parse_tool_calls(text: str) -> list[ToolCall]:
-    """The calls of a complete reply's text after `[TOOL_CALLS]`, their arguments as the raw JSON
-    text the model wrote (what a stream of the same reply sends); ValueError if it is malformed."""
-    items = json.loads(text)
+def parse_tool_calls(text: str) -> ToolCallStream:
+    """The calls of a reply's text after `[TOOL_CALLS]`, as a stream of the same reply parses
+    them (arguments as the raw JSON text the model wrote); `closed` says whether the list ended."""
     stream = ToolCallStream()
-    stream.feed(text.lstrip(" "))
-    if not isinstance(items, list) or not items or len(stream.calls) != len(items):
-        raise ValueError("tool calls must be a non-empty JSON list of {name, arguments} objects")
-    return stream.calls
+    stream.feed(text)
+    return stream
 
 
 @dataclass(slots=True)
@@ -130,7 +134,8 @@ class ToolCallDelta:
 class ToolCallStream:
     """Parses the compact JSON list after `[TOOL_CALLS]` as it streams, into `ToolCallDelta`s.
 
-    The grammar writes each call as `{"name": "<name>", "arguments": <JSON>}`, so a call's name is
+    The grammar writes each call as `{"name": "<name>", "arguments": <JSON>}` (and maybe its
+    `"id"` after), so a call's name is
     known once `, "arguments": ` follows it, and its arguments are the JSON value after that;
     strings and escapes are tracked so brackets inside them do not count. A call's arguments
     stream as raw JSON text, the same text a collected reply gives.
@@ -147,6 +152,15 @@ class ToolCallStream:
         while (delta := self._step()) is not None:
             deltas.append(delta)
         return deltas
+
+    @property
+    def closed(self) -> bool:
+        """The list has ended: every call is complete (a reply cut short is not)."""
+        return (
+            bool(self.calls)
+            and self._arguments is None
+            and _LIST_END.fullmatch(self._buffer, self._at) is not None
+        )
 
     def _step(self) -> ToolCallDelta | None:
         if self._arguments is None:
@@ -169,8 +183,11 @@ class ToolCallStream:
         return ToolCallDelta(len(self.calls) - 1, arguments=piece)
 
 
-# The start of a call: the list's `[`, or the previous call's `}` and a comma; then its name.
-_CALL_START = re.compile(r'(?: ?\[|\}?, )\{"name": "([a-zA-Z0-9_-]{1,64})", "arguments": ')
+# The start of a call: the list's `[` (after SentencePiece's space), or the previous call's end (its
+# optional id, its `}`) and a comma; then its name. The list's end, likewise.
+_AFTER_ARGUMENTS = r'(?:, "id": "[a-zA-Z0-9]{9}")?\}'
+_CALL_START = re.compile(rf'(?: ?\[|{_AFTER_ARGUMENTS}, )\{{"name": "([a-zA-Z0-9_-]{{1,64}})", "arguments": ')
+_LIST_END = re.compile(rf"{_AFTER_ARGUMENTS}\]")
 
 
 @dataclass(slots=True)

@@ -108,9 +108,9 @@ async def chat_completions(
     response_format = parse_response_format(req.response_format)
     check_unsupported(tools, response_format, model)
     messages, prompt_ids = await encode(req, model, response_format, tools)
-    tool_calls_id = model.encoder.tool_calls_id
-    structured = response_format.structured
-    if tools is not None and tool_calls_id is not None:
+    structured, tool_calls_id = response_format.structured, None  # tool_calls_id: calls may be written
+    if tools is not None and tools.offered and model.encoder.tool_calls_id is not None:
+        tool_calls_id = model.encoder.tool_calls_id
         structured = tools.grammar(tool_calls_id)
     params = chat_sampling_params(req, len(prompt_ids), model, structured)
     prefix = prefix_of(messages)

@@ -34,6 +34,7 @@ from tests.checkpoints import V3_TOKENIZER, TinyShape, hf_mixtral, write_hf_mixt
 from tests.server.conftest import API_KEY, MODEL, start_server, stop_server
 from tokenization import load_prompt_encoder
 from tokenization.mistral_encoder import MistralPromptEncoder, load_plain_sentencepiece
+from tokenization.tool_calls import MAX_PARALLEL_CALLS
 
 SHAPE = TinyShape(vocab_size=32768)
 WEATHER = {
@@ -115,17 +116,22 @@ def test_a_plain_tokenizer_model_is_read_as_v3_and_offers_tools(v3_dir, http) ->
 )
 def test_forced_calls_parse_and_validate(http, choice, sampling) -> None:
     names = {"get_time"} if isinstance(choice, dict) else set(SCHEMAS)
-    # A random model sampling calls in parallel writes up to MAX_PARALLEL_CALLS of them: one is enough.
-    parallel = sampling["temperature"] == 0
-    r = chat(http, tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel, **sampling)
+    # A random model writes calls in parallel up to MAX_PARALLEL_CALLS: one is enough here.
+    r = chat(http, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False, **sampling)
     assert r.status_code == 200, r.text
     (reply,) = r.json()["choices"]
     assert reply["finish_reason"] == "tool_calls" and reply["message"]["content"] == ""
     check_calls(reply["message"], names)
-    if not isinstance(choice, dict):
-        return
-    one = chat(http, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False, **sampling).json()
-    assert len(one["choices"][0]["message"]["tool_calls"]) == 1
+    assert len(reply["message"]["tool_calls"]) == 1
+
+
+def test_parallel_calls_are_bounded(http) -> None:
+    r = chat(http, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=320)
+    assert r.status_code == 200, r.text
+    reply = r.json()["choices"][0]
+    assert reply["finish_reason"] == "tool_calls", reply
+    assert 1 <= len(reply["message"]["tool_calls"]) <= MAX_PARALLEL_CALLS
+    check_calls(reply["message"], set(SCHEMAS))
 
 
 def test_the_openai_stream_helper_reassembles_the_collected_calls(v3_server) -> None:
@@ -136,6 +142,7 @@ def test_the_openai_stream_helper_reassembles_the_collected_calls(v3_server) -> 
         "tools": TOOLS,
         "tool_choice": "required",
         "max_tokens": MAX_TOKENS,
+        "parallel_tool_calls": False,  # a random model would write calls up to the bound
     }
     for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
         collected = client.chat.completions.create(**kw, **sampling).choices[0]
@@ -149,7 +156,7 @@ def test_the_openai_stream_helper_reassembles_the_collected_calls(v3_server) -> 
             for m in (streamed.message, collected.message)
         ]
         assert pairs[0] == pairs[1] and pairs[0]
-        assert all(len(c.id) == 9 for c in streamed.message.tool_calls)
+        assert all(len(c.id) == 9 and c.type == "function" for c in streamed.message.tool_calls)
 
 
 def test_auto_is_free_text_or_calls_and_none_offers_no_tools(http) -> None:
@@ -235,6 +242,22 @@ BAD = {
         "messages[2]",
     ),
     "required-without-tools": ({"tool_choice": "required"}, "tool_choice"),
+    "schema-keyword-not-string": (
+        {"tools": [function(name="f", parameters={"$schema": 1})]},
+        "tools[0].function.parameters",
+    ),
+    "colliding-ids": (
+        {
+            "messages": [
+                CONVERSATION[0],
+                {
+                    **CONVERSATION[1],
+                    "tool_calls": [WEATHER_CALL, {**WEATHER_CALL, "id": "call_other_456789abcdefGHI"}],
+                },
+            ]
+        },
+        "messages[1]",
+    ),
     "with-response-format": ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
 }
 
@@ -269,7 +292,13 @@ def test_mistralai_complete_with_tools(v3_server) -> None:
 
     client = Mistral(api_key=API_KEY, server_url=v3_server.url, timeout_ms=60_000)
     r = client.chat.complete(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="any", max_tokens=MAX_TOKENS, temperature=0
+        model=MODEL,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="any",
+        parallel_tool_calls=False,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
     )
     (choice,) = r.choices
     assert choice.finish_reason == "tool_calls"
@@ -283,7 +312,9 @@ def test_langchain_bind_tools_and_function_calling_output(v3_server) -> None:
 
     openai_chat = ChatOpenAI(base_url=f"{v3_server.url}/v1", api_key=API_KEY, model=MODEL, temperature=0,
                              max_tokens=MAX_TOKENS, max_retries=0)  # fmt: skip
-    message = openai_chat.bind_tools([WEATHER], tool_choice="required").invoke(ASK[0]["content"])
+    message = openai_chat.bind_tools([WEATHER], tool_choice="required", parallel_tool_calls=False).invoke(
+        ASK[0]["content"]
+    )
     (call,) = message.tool_calls
     assert call["name"] == "get_weather"
     jsonschema.validate(call["args"], SCHEMAS["get_weather"])
@@ -308,3 +339,63 @@ def test_the_readmes_tool_example_runs_against_a_v3_model(v3_server) -> None:
     assert choice["finish_reason"] == "tool_calls", done.stdout
     (call,) = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather" and "city" in json.loads(call["function"]["arguments"])
+
+
+def test_a_fragment_leaves_id_and_type_out_and_the_stream_matches_a_cut_reply(http) -> None:
+    """A reply cut by max_tokens mid-arguments: the stream's deltas and the collected reply give
+    the same partial calls and both say `length`; fragments carry no id or type."""
+    body = {"tools": TOOLS, "tool_choice": "required", "temperature": 0, "max_tokens": 18}
+    collected = chat(http, **body).json()["choices"][0]
+    calls: dict[int, dict] = {}
+    finish = None
+    with http.stream("POST", "/v1/chat/completions", json={
+        "model": MODEL, "messages": ASK, "stream": True, **body}) as r:  # fmt: skip
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            finish = choice["finish_reason"] or finish
+            for d in choice["delta"].get("tool_calls") or []:
+                if "id" in d:
+                    calls[d["index"]] = {"id": d["id"], "name": d["function"]["name"], "arguments": ""}
+                else:
+                    assert "type" not in d and d["function"]["name"] == ""
+                calls[d["index"]]["arguments"] += d["function"]["arguments"]
+    assert finish == collected["finish_reason"] == "length"
+    got = [(c["name"], c["arguments"]) for c in calls.values()]
+    assert got and got == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in collected["message"]["tool_calls"] or []
+    ]
+
+
+def test_refs_resolve_in_each_functions_own_parameters(http) -> None:
+    parameters = {
+        "$defs": {"Unit": {"enum": ["c", "f"]}},
+        "type": "object",
+        "properties": {"unit": {"$ref": "#/$defs/Unit"}, "again": {"$ref": "#/properties/unit"}},
+        "required": ["unit", "again"],
+        "additionalProperties": False,
+    }
+    tools = [function(name="convert", parameters=parameters)]
+    reply = chat(http, tools=tools, tool_choice="required", temperature=0).json()["choices"][0]
+    assert reply["finish_reason"] == "tool_calls", reply
+    (call,) = reply["message"]["tool_calls"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+
+
+def test_a_function_named_like_a_choice_is_still_the_named_function(http) -> None:
+    tools = [function(name="none", parameters=SCHEMAS["get_time"]), WEATHER]
+    reply = chat(http, tools=tools, tool_choice=function(name="none"), temperature=0).json()["choices"][0]
+    assert reply["finish_reason"] == "tool_calls"
+    assert {c["function"]["name"] for c in reply["message"]["tool_calls"]} == {"none"}
+
+
+def test_tool_choice_none_keeps_a_response_format(http) -> None:
+    body = {
+        "tools": TOOLS,
+        "tool_choice": "none",
+        "response_format": {"type": "json_object"},
+        "max_tokens": 8,
+    }
+    reply = chat(http, temperature=0, **body).json()["choices"][0]
+    assert reply["message"]["content"].startswith("{") and reply["message"]["tool_calls"] is None

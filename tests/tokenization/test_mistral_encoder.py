@@ -115,17 +115,18 @@ def test_encode_text_and_decode(
 
 
 @pytest.mark.parametrize(
-    "messages",
+    ("messages", "index"),
     [
-        [ChatMessage("user", "x"), ChatMessage("assistant", "y")],
-        [ChatMessage("user", "x"), ChatMessage("assistant", "", prefix=True)],
-        [ChatMessage("user", "x"), ChatMessage("tool", "result", tool_call_id="abc123xyz")],
+        ([ChatMessage("user", "x"), ChatMessage("assistant", "y")], None),
+        ([ChatMessage("user", "x"), ChatMessage("assistant", "", prefix=True)], None),
+        # v1 has no tool tokens: refused before mistral-common, naming the message
+        ([ChatMessage("user", "x"), ChatMessage("tool", "result", tool_call_id="abc123xyz")], 1),
     ],
     ids=["last_assistant", "empty_prefix", "tool_without_call"],
 )
 def test_mistral_common_refusals_are_typed(
-    mixtral_encoder: PromptEncoder, messages: list[ChatMessage]
+    mixtral_encoder: PromptEncoder, messages: list[ChatMessage], index: int | None
 ) -> None:
     with pytest.raises(InvalidConversationError) as caught:
         mixtral_encoder.encode_chat(messages)
-    assert caught.value.index is None and caught.value.message
+    assert caught.value.index == index and caught.value.message
