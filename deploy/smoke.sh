@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Container smoke test: build the image with podman from a Debian bookworm base made locally
 # (debootstrap + `podman import`: no registry needed), run the CPU variant serving the demo
-# model, and check /health, /ready and one chat completion on 127.0.0.1.
+# model, and check /health, /ready, one chat completion and one structured (JSON schema) reply on
+# 127.0.0.1.
 #
 #   sudo deploy/smoke.sh            # about 3-5 minutes cold; the base image is reused afterwards
 set -euo pipefail
@@ -73,4 +74,17 @@ reply=$(curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H "Content-Type:
          "messages": [{"role": "user", "content": "What is the capital of France?"}]}')
 echo "$reply"
 podman logs "$NAME" 2>&1 | grep -m1 "mixtral-server is ready at" || true
-if echo "$reply" | grep -q 'Paris'; then log "PASS"; else log "FAIL: no Paris in the reply"; exit 1; fi
+echo "$reply" | grep -q 'Paris' || { log "FAIL: no Paris in the reply"; exit 1; }
+log "structured output in the image (llguidance): a JSON schema reply"
+structured=$(curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H "Content-Type: application/json" \
+    -d '{"model": "demo", "temperature": 0, "max_tokens": 48,
+         "messages": [{"role": "user", "content": "The capital of France, as JSON."}],
+         "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": {
+           "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+           "required": ["city"], "additionalProperties": false}}}}')
+echo "$structured"
+if echo "$structured" | python3 -c '
+import json, sys
+choice = json.load(sys.stdin)["choices"][0]
+assert choice["finish_reason"] == "stop" and set(json.loads(choice["message"]["content"])) == {"city"}
+'; then log "PASS"; else log "FAIL: the structured reply does not match its schema"; exit 1; fi
