@@ -1,11 +1,11 @@
 """Choose the next token of every sequence in a batch from the model's logits.
 
-Order of operations (vLLM v1's): a grammar mask (structured output) sets the tokens it forbids to
--inf in the logits themselves, as vLLM masks before its sampler; logprobs come from those logits
-(raw for a row without a grammar, the masked distribution for one with); then logit bias,
-min-tokens masking and penalties, which cannot unmask a token (-inf stays -inf); then greedy
-argmax, or temperature, min-p, top-k, top-p and sampling by an exponential race (argmax of
-probs / q with q ~ Exp(1), which picks token i with probability probs[i]).
+Order of operations (vLLM v1's): a grammar mask (structured output) sets the tokens it forbids
+to -inf in the logits themselves, as vLLM masks before its sampler; logprobs come from those
+logits (raw for a row without a grammar, the masked distribution for one with); then logit
+bias, min-tokens masking, penalties and banned tokens, which cannot unmask a token (-inf stays
+-inf); then greedy argmax, or temperature, min-p, top-k, top-p and sampling by an exponential
+race (argmax of probs / q with q ~ Exp(1), which picks token i with probability probs[i]).
 Each stage runs as one pass over the rows that need it and is skipped when no row does, so an
 all-greedy batch without processing costs one argmax.
 
@@ -68,11 +68,12 @@ class _Plan:
     logprobs: list[int] = field(default_factory=list)
     bias: list[int] = field(default_factory=list)
     min_tokens: list[int] = field(default_factory=list)
+    banned: list[int] = field(default_factory=list)
     penalties: list[int] = field(default_factory=list)
 
     @property
     def processes(self) -> bool:
-        return bool(self.bias or self.min_tokens or self.penalties)
+        return bool(self.bias or self.min_tokens or self.penalties or self.banned)
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -187,6 +188,8 @@ def _make_plan(rows: Sequence[SamplingRow], mask: TokenMask | None = None) -> _P
             plan.min_tokens.append(i)
         if p.needs_penalties:
             plan.penalties.append(i)
+        if p.banned_token_ids:
+            plan.banned.append(i)
     return plan
 
 
@@ -208,6 +211,8 @@ def _process(logits: torch.Tensor, rows: Sequence[SamplingRow], plan: _Plan) -> 
         _mask_stop_tokens(out, rows, plan.min_tokens)
     if plan.penalties:
         _apply_penalties(out, rows, plan.penalties)
+    if plan.banned:
+        _ban(out, [(i, t) for i in plan.banned for t in rows[i].params.banned_token_ids])
     return out
 
 
@@ -226,18 +231,23 @@ def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow], index: 
     )
 
 
-def _mask_stop_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], index: list[int]) -> None:
-    """Set eos and stop_token_ids to -inf in place for rows short of min_tokens (even with ignore_eos)."""
-    vocab = logits.shape[1]
-    entries: list[tuple[int, int]] = []
-    for i in index:
-        row = rows[i]
-        stops = (*row.params.stop_token_ids, *(() if row.eos_token_id is None else (row.eos_token_id,)))
-        entries.extend((i, t) for t in stops if 0 <= t < vocab)
+def _ban(logits: torch.Tensor, entries: list[tuple[int, int]]) -> None:
+    """Set (row, token) entries to -inf in place; tokens outside the vocabulary are ignored."""
+    entries = [(i, t) for i, t in entries if 0 <= t < logits.shape[1]]
     if entries:
         row_ids, token_ids = zip(*entries, strict=True)
         device = logits.device
         logits[torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)] = float("-inf")
+
+
+def _mask_stop_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], index: list[int]) -> None:
+    """Set eos and stop_token_ids to -inf in place for rows short of min_tokens (even with ignore_eos)."""
+    entries: list[tuple[int, int]] = []
+    for i in index:
+        row = rows[i]
+        stops = (*row.params.stop_token_ids, *(() if row.eos_token_id is None else (row.eos_token_id,)))
+        entries.extend((i, t) for t in stops)
+    _ban(logits, entries)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], index: list[int]) -> None:

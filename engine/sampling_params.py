@@ -46,6 +46,7 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per sampled token (0: only the sampled one)
     prompt_logprobs: int | None = None  # same, for every prompt token after the first
     structured: StructuredOutput | None = None  # a grammar the output must match (response_format)
+    banned_token_ids: tuple[int, ...] = ()  # never sampled (the server's: a tool token with no tools)
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1, MAX_N)
@@ -71,6 +72,8 @@ class SamplingParams:
                 )
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidSamplingParams("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
+        if len(self.banned_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidSamplingParams("banned_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidSamplingParams("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
         for token, bias in self.logit_bias.items():

@@ -73,6 +73,7 @@ def chat_sampling_params(
     prompt_len: int,
     model: ServedModel,
     structured: StructuredOutput | None = None,
+    banned: tuple[int, ...] = (),
 ) -> SamplingParams:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = None
@@ -86,6 +87,7 @@ def chat_sampling_params(
         logprobs=logprobs,
         stop_token_ids=end_of_turn,
         structured=structured,
+        banned_token_ids=banned,
     )
 
 

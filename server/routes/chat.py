@@ -109,10 +109,13 @@ async def chat_completions(
     check_unsupported(tools, response_format, model)
     messages, prompt_ids = await encode(req, model, response_format, tools)
     structured, tool_calls_id = response_format.structured, None  # tool_calls_id: calls may be written
+    banned: tuple[int, ...] = ()
     if tools is not None and tools.offered and model.encoder.tool_calls_id is not None:
         tool_calls_id = model.encoder.tool_calls_id
         structured = tools.grammar(tool_calls_id)
-    params = chat_sampling_params(req, len(prompt_ids), model, structured)
+    elif model.encoder.tool_calls_id is not None:  # no tools offered: the model cannot call one
+        banned = (model.encoder.tool_calls_id,)
+    params = chat_sampling_params(req, len(prompt_ids), model, structured, banned)
     prefix = prefix_of(messages)
     context = context_ids(model, prompt_ids, prefix)
     if params.structured is not None and prefix and model.encoder.decode(context) != prefix:

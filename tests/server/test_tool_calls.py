@@ -399,3 +399,15 @@ def test_tool_choice_none_keeps_a_response_format(http) -> None:
     }
     reply = chat(http, temperature=0, **body).json()["choices"][0]
     assert reply["message"]["content"].startswith("{") and reply["message"]["tool_calls"] is None
+
+
+def test_without_tools_offered_the_tool_token_is_never_sampled(http) -> None:
+    """Even pushed by logit_bias, a reply with no tools offered cannot open tool calls."""
+    for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        body = {"logit_bias": {"5": 100}, "max_tokens": 4, "temperature": 0, "logprobs": True, **extra}
+        reply = chat(http, **body).json()["choices"][0]
+        assert reply["message"]["tool_calls"] is None
+        assert "[TOOL_CALLS]" not in [e["token"] for e in reply["logprobs"]["content"]]
+    push = {"logit_bias": {"5": 100}, "parallel_tool_calls": False, "temperature": 0}
+    pushed = chat(http, tools=TOOLS, **push).json()["choices"][0]
+    assert pushed["finish_reason"] == "tool_calls"  # offered (auto), the same push opens calls
