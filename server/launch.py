@@ -142,7 +142,7 @@ def build_app(settings: ServerSettings) -> tuple[FastAPI, AppState]:
         return engine
 
     engine = AsyncEngine(build, args.stream_buffer_bytes)
-    metrics = Metrics(engine.stats)
+    metrics = Metrics(engine.stats, lambda: state.model.name if state.model is not None else None)
     admission = Admission(settings.max_num_seqs + settings.max_waiting_requests)
     # Every request is measured on its way through MeteredEngine.
     state = AppState(

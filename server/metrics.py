@@ -44,6 +44,7 @@ from engine.sampling_params import SamplingParams
 from server.engine_client import EngineClient
 
 PREFIX = "mixtral:"
+VLLM_PREFIX = "vllm:"  # the names routers read (`_RouterCollector`)
 # the only values of `finished_reason`
 FINISH_REASONS = ("stop", "length", "error", "abort", "queue_timeout")
 TTFT_BUCKETS = (
@@ -99,6 +100,41 @@ class _EngineCollector(Collector):
             )
 
 
+class _RouterCollector(Collector):
+    """The series LLM-aware routers scrape, under vLLM's names (the Gateway API Inference
+    Extension's model-server protocol; vLLM's production-stack router), from the same snapshot
+    as ours. Each has the label `model_name`, the served model's id, and none is emitted before
+    the model is loaded.
+    - `vllm:num_requests_waiting`, `vllm:num_requests_running`: `mixtral:num_requests_*` (each
+      choice of an `n > 1` request is a sequence of its own, as in vLLM);
+    - `vllm:kv_cache_usage_perc` (0-1) and `vllm:gpu_cache_usage_perc`, the name older endpoint
+      pickers read: `mixtral:kv_cache_usage_perc`.
+    """
+
+    def __init__(self, stats: Callable[[], EngineStats], model_name: Callable[[], str | None]) -> None:
+        self.stats = stats
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        name = self.model_name()
+        if name is None:
+            return
+        stats = self.stats()
+        for metric, doc, value in (
+            ("num_requests_waiting", "Requests waiting to be processed", stats.num_waiting),
+            ("num_requests_running", "Requests running on the model server", stats.num_running),
+            ("kv_cache_usage_perc", "KV cache usage: 1 means 100 percent", stats.kv_cache_usage),
+            (
+                "gpu_cache_usage_perc",
+                "KV cache usage (older name): 1 means 100 percent",
+                stats.kv_cache_usage,
+            ),
+        ):
+            family = GaugeMetricFamily(VLLM_PREFIX + metric, doc, labels=["model_name"])
+            family.add_metric([name], value)
+            yield family
+
+
 class _EventLoopCollector(Collector):
     """Tasks alive in the server's event loop: a leak (say, of abandoned streams) shows here."""
 
@@ -113,8 +149,11 @@ class _EventLoopCollector(Collector):
 class Metrics:
     """The metric objects of one app, in a registry of their own."""
 
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
-        """`stats`: the engine's snapshot, read at each scrape."""
+    def __init__(
+        self, stats: Callable[[], EngineStats], model_name: Callable[[], str | None] = lambda: None
+    ) -> None:
+        """`stats`: the engine's snapshot, read at each scrape; `model_name`: the served model's
+        id once loaded (the `model_name` label of the `vllm:` series)."""
         self.registry = r = CollectorRegistry()
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=r)
@@ -148,6 +187,7 @@ class Metrics:
             "request_generation_tokens", "Generated tokens per finished request (all choices)", TOKEN_BUCKETS
         )
         r.register(_EngineCollector(stats))
+        r.register(_RouterCollector(stats, model_name))
         r.register(_EventLoopCollector())
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, ... (Linux)
 

@@ -1,4 +1,6 @@
-"""GET /metrics: Prometheus text format (protected by the API key like /v1 when keys are set)."""
+"""GET /metrics (Prometheus text format) and GET /get_load (`{"load": N}`, the requests in flight,
+polled by vllm-router's and sglang-router's power-of-two policy); both need the API key like /v1
+when keys are set."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from server.deps import get_state
 from server.errors import NotFound
@@ -24,3 +27,12 @@ async def metrics(state: Annotated[AppState, Depends(get_state)]) -> Response:
     if state.metrics is None:
         raise NotFound("metrics are not enabled")
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class Load(BaseModel):
+    load: int  # requests in flight: running, waiting, or still streaming out
+
+
+@router.get("/get_load", response_model=Load, responses=errors(*KEYED))
+async def get_load(state: Annotated[AppState, Depends(get_state)]) -> Load:
+    return Load(load=state.engine.num_active_requests)

@@ -338,7 +338,12 @@ def test_missing_or_wrong_key(server):
     for auth in (None, "Bearer wrong", f"Bearer {API_KEY[:-1]}", f"Bearer {API_KEY}x", f"Basic {API_KEY}",
                  API_KEY, "Bearer", f"Token {API_KEY}"):  # fmt: skip
         headers = {"Authorization": auth} if auth is not None else {}
-        for method, path in (("GET", "/v1/models"), ("POST", CHAT), ("GET", "/metrics")):
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", CHAT),
+            ("GET", "/metrics"),
+            ("GET", "/get_load"),
+        ):
             r = httpx.request(method, f"{server.url}{path}", json=GOOD, headers=headers, timeout=10)
             body = check_error(r, 401)
             assert r.headers["www-authenticate"] == "Bearer", (auth, path)
@@ -353,6 +358,7 @@ TRICKS = [
     "/v1%2fmodels", "/V1/models", "/v1/MODELS", "/v1/models/", "/v1/models?x=1", "/v1/models%00",
     "/%76%31/models", "/health/../v1/models", "/health/%2e%2e/v1/models", "/ready/..%2Fv1/models",
     "/health;/v1/models", "http://127.0.0.1/v1/models", "/v1/models/tiny-mixtral", "/metrics",
+    "/get_load", "/health/../get_load",
 ]  # fmt: skip
 
 

@@ -147,3 +147,64 @@ def test_metrics_need_the_key(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
         r = httpx.get(f"{server.url}/metrics", headers=headers, timeout=10)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+# The model-server protocol's table (Gateway API Inference Extension, proposal 003, and vLLM's
+# production-stack router): name -> (type, lowest value, highest value or None).
+ROUTER_SERIES = {
+    "vllm:num_requests_waiting": ("gauge", 0, None),
+    "vllm:num_requests_running": ("gauge", 0, None),
+    "vllm:kv_cache_usage_perc": ("gauge", 0.0, 1.0),
+    "vllm:gpu_cache_usage_perc": ("gauge", 0.0, 1.0),
+}
+
+
+def router_series(server) -> dict[str, float]:
+    """Each `vllm:` series with its type and label checked against the table; name -> value."""
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers(), timeout=10).text
+    types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE vllm:"))
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:"):
+            sample, _, value = line.rpartition(" ")
+            name, _, labels = sample.partition("{")
+            assert labels == f'model_name="{MODEL}"}}', line
+            values[name] = float(value)
+    assert set(values) == set(ROUTER_SERIES) and types == {n: t for n, (t, _, _) in ROUTER_SERIES.items()}
+    for name, (_, low, high) in ROUTER_SERIES.items():
+        assert values[name] >= low and (high is None or values[name] <= high), (name, values[name])
+        if high is None:  # counts of requests are whole numbers
+            assert values[name] == int(values[name])
+    return values
+
+
+def test_the_series_routers_read_under_vllm_names_under_load_and_at_idle(server):
+    import threading
+
+    idle = router_series(server)
+    assert idle["vllm:num_requests_running"] == idle["vllm:num_requests_waiting"] == 0
+    assert httpx.get(f"{server.url}/get_load", headers=server.headers(), timeout=10).json() == {"load": 0}
+    messages = [{"role": "user", "content": "Count to a hundred."}]
+    body = {"model": MODEL, "max_tokens": 120, "min_tokens": 120, "ignore_eos": True, "messages": messages}
+    threads = [
+        threading.Thread(target=lambda: httpx.post(
+            f"{server.url}/v1/chat/completions", headers=server.headers(), json=body, timeout=60))
+        for _ in range(3)
+    ]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    loaded, load, deadline = None, 0, time.monotonic() + 20
+    while time.monotonic() < deadline:  # bounded: until the requests show
+        loaded = router_series(server)
+        load = httpx.get(f"{server.url}/get_load", headers=server.headers(), timeout=10).json()["load"]
+        if loaded["vllm:num_requests_running"] > 0 and load > 0:
+            break
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(60)
+    assert loaded is not None and loaded["vllm:num_requests_running"] > 0 and 0 < load <= 3
+    assert (
+        loaded["vllm:kv_cache_usage_perc"] > 0
+        and loaded["vllm:gpu_cache_usage_perc"] == loaded["vllm:kv_cache_usage_perc"]
+    )
+    assert router_series(server)["vllm:num_requests_running"] == 0
