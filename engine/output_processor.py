@@ -71,8 +71,10 @@ class OutputProcessor:
         """Track a request's choices; `context_ids` seed detokenization (a `prefix` the reply
         continues), and a grammar's matchers start past their text. Raises
         `InvalidStructuredOutput` before tracking anything if that prefix breaks the grammar."""
-        prefix = self.decoder.decode(list(context_ids)) if context_ids else ""
-        matchers = [grammar.matcher(prefix) if grammar is not None else None for _ in choices]
+        matchers: list[GrammarMatcher | None] = [None] * len(choices)
+        if grammar is not None:  # only then is the context's text needed (completions send the prompt)
+            prefix = self.decoder.decode(list(context_ids)) if context_ids else ""
+            matchers = [grammar.matcher(prefix) for _ in choices]
         states = [
             SequenceState(
                 req, IncrementalDetokenizer(self.decoder.decode, context_ids, req.params.stop), matcher=m

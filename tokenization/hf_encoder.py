@@ -230,8 +230,8 @@ class HFPromptEncoder:
 
     def encode_chat(self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()) -> list[int]:
         """Render the conversation and encode it without adding special tokens."""
-        if tools or tool_message_index(messages) is not None:
-            where = tool_message_index(messages)
+        where = tool_message_index(messages)
+        if tools or where is not None:
             raise UnsupportedFeatureError("tool calls need a Mistral tokenizer with tool tokens", where)
         return self._tokenizer.encode(self.render(messages), add_special_tokens=False).ids
 

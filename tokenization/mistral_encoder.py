@@ -90,9 +90,6 @@ def load_plain_sentencepiece(path: Path) -> MistralTokenizer:
     )
 
 
-load_v1_sentencepiece = load_plain_sentencepiece  # the name older callers use
-
-
 def load_mistral_tokenizer(path: Path) -> MistralTokenizer:
     """Load a tekken JSON, a versioned `tokenizer.model.vN`, or a plain v1 `tokenizer.model`."""
     if path.name == PLAIN_SENTENCEPIECE_NAME:
@@ -177,8 +174,8 @@ class MistralPromptEncoder:
     def encode_chat(self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()) -> list[int]:
         """Encode a conversation (and the tools it offers) with mistral-common; its refusals become
         InvalidConversationError."""
-        if not self.supports_tools and (tools or tool_message_index(messages) is not None):
-            where = tool_message_index(messages)
+        where = tool_message_index(messages)
+        if not self.supports_tools and (tools or where is not None):
             raise UnsupportedFeatureError(f"tokenizer {self.version.value} has no tool tokens", where)
         try:
             request = ChatCompletionRequest(

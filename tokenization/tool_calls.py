@@ -197,7 +197,6 @@ class _JsonScanner:
     depth: int = 0
     in_string: bool = False
     escaped: bool = False
-    started: bool = False
     done: bool = False
 
     def scan(self, text: str, start: int) -> int:
@@ -216,10 +215,8 @@ class _JsonScanner:
                         self.done = True
             elif ch == '"':
                 self.in_string = True
-                self.started = True
             elif ch in "{[":
                 self.depth += 1
-                self.started = True
             elif ch in "}]":
                 if self.depth == 0:  # the enclosing call's brace: the value ended before it
                     self.done = True
@@ -227,11 +224,8 @@ class _JsonScanner:
                 self.depth -= 1
                 if self.depth == 0:
                     self.done = True
-            elif ch == ",":
-                if self.depth == 0:
-                    self.done = True
-                    return i
-            else:
-                self.started = True
+            elif ch == "," and self.depth == 0:
+                self.done = True
+                return i
             i += 1
         return i

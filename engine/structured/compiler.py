@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -30,7 +29,6 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
         self.num_compiled = 0
-        self.compile_seconds = 0.0  # total time spent compiling
 
     @property
     def mask_words(self) -> int:
@@ -76,11 +74,9 @@ class GrammarCompiler:
             self._pending.pop(spec, None)
 
     def _compile(self, spec: StructuredOutput) -> CompiledGrammar:
-        started = time.perf_counter()
         grammar = self.backend.compile(spec)
         with self._lock:  # cached before the pending entry goes: no window for a second compile
             self.num_compiled += 1
-            self.compile_seconds += time.perf_counter() - started
             self._cache[spec] = grammar
             self._cache.move_to_end(spec)
             while len(self._cache) > self.cache_size:

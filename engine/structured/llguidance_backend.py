@@ -75,13 +75,11 @@ def _llguidance_tokens(vocab: TokenVocabulary, size: int, strip_space: bool) -> 
             data = data[1:]
         if token_id in vocab.special_ids:
             data = _MARKER + (data or f"<special_{token_id}>".encode())
+            special.append(token_id)
         elif not data or data.startswith(_MARKER):  # no token, a lone stripped space, byte 0xFF
             data = _MARKER + f"<unusable_{token_id}>".encode()
-        else:
-            tokens.append(data)
-            continue
+            special.append(token_id)
         tokens.append(data)
-        special.append(token_id)
     return tokens, special
 
 
@@ -105,10 +103,9 @@ class LLGuidanceMatcher:
         matcher = self._matcher
         if matcher.is_error():  # broken while computing its mask: EOS would end a partial reply
             return False
-        if self._first_mask is None or not self._vocab.strips_leading_space:
-            self._first_mask = None
+        first, self._first_mask = self._first_mask is not None, None
+        if not first or not self._vocab.strips_leading_space:
             return matcher.consume_token(token_id)
-        self._first_mask = None
         if matcher.validate_tokens([token_id]) == 1:
             return matcher.consume_token(token_id)
         data = self._vocab.tokens[token_id] if token_id < self._vocab.size else b""

@@ -31,7 +31,7 @@ from tests.server.conftest import API_KEY, MODEL
 from tests.structured.schemas import SCHEMAS, UNSUPPORTED
 from tests.tokenization.conftest import V1_MODEL
 from tokenization import SAFE_PROMPT
-from tokenization.mistral_encoder import MistralPromptEncoder, load_v1_sentencepiece
+from tokenization.mistral_encoder import MistralPromptEncoder, load_plain_sentencepiece
 from tokenization.schema_prompt import schema_instruction
 
 MESSAGES = [{"role": "user", "content": "Extract: I read 'Dune' by Frank Herbert, published in 1965."}]
@@ -159,7 +159,7 @@ def reference_ids(tokenizer: MistralTokenizer, system: str, user: str) -> list[i
 def test_the_schema_is_prepended_to_the_system_prompt_as_mistral_does(safe_prompt) -> None:
     """`Your output should be ... {schema}` joins the client's system prompt with a blank line,
     after the guardrail: the prompt ids equal mistral-common's for that one system prompt."""
-    tokenizer = load_v1_sentencepiece(V1_MODEL)
+    tokenizer = load_plain_sentencepiece(V1_MODEL)
     model = SimpleNamespace(encoder=MistralPromptEncoder(tokenizer))
     schema = {
         "type": "object",
@@ -189,7 +189,7 @@ def test_prompt_tokens_over_http_count_the_instruction(http) -> None:
     plain = chat(http, None, max_tokens=1).json()["usage"]["prompt_tokens"]
     framed = chat(http, json_schema_format(schema), max_tokens=1).json()["usage"]["prompt_tokens"]
     expected = reference_ids(
-        load_v1_sentencepiece(V1_MODEL), schema_instruction(schema), MESSAGES[0]["content"]
+        load_plain_sentencepiece(V1_MODEL), schema_instruction(schema), MESSAGES[0]["content"]
     )
     assert framed == len(expected) and framed > plain
 

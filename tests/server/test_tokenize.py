@@ -9,7 +9,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from tests.server.conftest import MODEL
 from tokenization import SAFE_PROMPT
-from tokenization.mistral_encoder import load_v1_sentencepiece
+from tokenization.mistral_encoder import load_plain_sentencepiece
 
 MESSAGES = [
     {"role": "system", "content": "Answer in one word."},
@@ -34,7 +34,7 @@ def post(server, path: str, body: dict, headers: dict | None = None) -> httpx.Re
 @pytest.fixture(scope="module")
 def mistral(hf_dir):
     """mistral-common's v1 tokenizer, loaded from the served checkpoint's tokenizer.model."""
-    return load_v1_sentencepiece(hf_dir / "tokenizer.model")
+    return load_plain_sentencepiece(hf_dir / "tokenizer.model")
 
 
 def reference_ids(mistral, messages) -> list[int]:
