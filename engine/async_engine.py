@@ -119,6 +119,8 @@ class AsyncEngine:
             max_batch=sched.max_batch,
             batch_size_buckets=tuple(engine.batch_sizes.cumulative()),
             batch_size_sum=engine.batch_sizes.sum,
+            block_size=sched.blocks.block_size,
+            num_blocks=sched.blocks.num_blocks,
         )
 
     def start(self) -> None:

@@ -96,3 +96,5 @@ class EngineStats:
     max_batch: int = 0  # most sequences per step now (max_num_seqs unless lowered after faults)
     batch_size_buckets: tuple[tuple[str, int], ...] = ()  # cumulative (upper bound, steps)
     batch_size_sum: int = 0
+    block_size: int = 0  # tokens per KV block (0 before the engine is built)
+    num_blocks: int = 0  # blocks in the KV pool

@@ -7,7 +7,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from server.access_log import RequestContext
 from server.errors import install_error_handlers
-from server.middleware import OPEN_PATHS, ApiKeyAuth, BodyLimit, JsonContentType, ServerErrors
+from server.middleware import METRICS_PATHS, OPEN_PATHS, ApiKeyAuth, BodyLimit, JsonContentType, ServerErrors
 from server.openapi import install_openapi
 from server.protocol import ChatCompletionChunk, CompletionResponse
 from server.routes import chat, completions, health, metrics, models, tokenize
@@ -21,12 +21,13 @@ def create_app(state: AppState, settings: ServerSettings) -> FastAPI:
     for module in (chat, completions, models, tokenize, health, metrics):
         app.include_router(module.router)
     install_error_handlers(app)
-    install_openapi(app, OPEN_PATHS, bool(settings.api_keys), (ChatCompletionChunk, CompletionResponse))
+    open_paths = OPEN_PATHS | METRICS_PATHS if settings.open_metrics else OPEN_PATHS
+    install_openapi(app, open_paths, bool(settings.api_keys), (ChatCompletionChunk, CompletionResponse))
     # Outermost last: the request id wraps everything, so even a 401, 413 or 500 carries one.
     discard = DISCARD_FACTOR * settings.max_body_bytes
     app.add_middleware(JsonContentType)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, discard_bytes=discard)
-    app.add_middleware(ApiKeyAuth, keys=settings.api_keys, discard_bytes=discard)
+    app.add_middleware(ApiKeyAuth, keys=settings.api_keys, discard_bytes=discard, open_paths=open_paths)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_headers=["*"], allow_methods=["*"]

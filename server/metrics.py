@@ -15,7 +15,9 @@ What is counted:
 - TTFT: from the call to `generate` to the first output carrying tokens; inter-token latency:
   between consecutive token-carrying outputs of the same choice; end-to-end: from the call to the
   last choice's final output (finished requests only, as vLLM).
-- Prompt tokens once per request, when its first output arrives (the prompt has been computed).
+- Prompt tokens once per request, when its first output arrives (the prompt has been computed);
+  then too the prefix cache's queries (the prompt's tokens) and hits (those served from cached
+  blocks), so hits / queries is the hit rate over prompt tokens, as vLLM's `prefix_cache_*`.
 
 - Queue time (`request_queue_time_seconds`): from arrival in the engine to the request's first
   step, as the engine reports it on the first output (or to its queue timeout); batch size
@@ -108,7 +110,10 @@ class _RouterCollector(Collector):
     - `vllm:num_requests_waiting`, `vllm:num_requests_running`: `mixtral:num_requests_*` (each
       choice of an `n > 1` request is a sequence of its own, as in vLLM);
     - `vllm:kv_cache_usage_perc` (0-1) and `vllm:gpu_cache_usage_perc`, the name older endpoint
-      pickers read: `mixtral:kv_cache_usage_perc`.
+      pickers read: `mixtral:kv_cache_usage_perc`;
+    - `vllm:cache_config_info`, always 1, with the labels `block_size` (tokens per KV block) and
+      `num_gpu_blocks` (blocks in the pool, on a CPU too), which the endpoint picker's prefix-cache
+      scorer reads.
     """
 
     def __init__(self, stats: Callable[[], EngineStats], model_name: Callable[[], str | None]) -> None:
@@ -133,6 +138,13 @@ class _RouterCollector(Collector):
             family = GaugeMetricFamily(VLLM_PREFIX + metric, doc, labels=["model_name"])
             family.add_metric([name], value)
             yield family
+        info = GaugeMetricFamily(
+            VLLM_PREFIX + "cache_config_info",
+            "The KV cache's configuration, in the labels",
+            labels=["model_name", "block_size", "num_gpu_blocks"],
+        )
+        info.add_metric([name, str(stats.block_size), str(stats.num_blocks)], 1)
+        yield info
 
 
 class _EventLoopCollector(Collector):
@@ -157,6 +169,12 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=r)
+        self.prefix_cache_queries = Counter(
+            PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            PREFIX + "prefix_cache_hits", "Prompt tokens served from the prefix cache", registry=r
+        )
         self.success = Counter(
             PREFIX + "request_success",
             "Finished choices by finish reason",
@@ -257,6 +275,8 @@ class MeteredEngine:
                 if first:  # the prompt has been computed
                     first = False
                     m.prompt_tokens.inc(len(prompt_ids))
+                    m.prefix_cache_queries.inc(len(prompt_ids))
+                    m.prefix_cache_hits.inc(out.num_cached_tokens)
                     m.request_prompt_tokens.observe(len(prompt_ids))
                     if out.queue_time is not None:
                         m.queue_time.observe(out.queue_time)

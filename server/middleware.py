@@ -17,6 +17,8 @@ from server.errors import INTERNAL_ERROR_BODY, error_body
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
+# Open too with `open_metrics` (server/settings.py).
+METRICS_PATHS = frozenset({"/metrics", "/get_load"})
 
 
 async def _send_json(
@@ -109,20 +111,24 @@ class ServerErrors:
 
 
 class ApiKeyAuth:
-    """Bearer keys on everything but liveness and readiness; constant-time comparison.
+    """Bearer keys on everything but `open_paths` (liveness and readiness; with `open_metrics`
+    the metrics too); constant-time comparison.
 
     The check runs on the normalised path Starlette routes on, so `//v1/...`, dot segments,
-    `%2F` or a trailing slash cannot reach a route without a key: anything not in OPEN_PATHS,
+    `%2F` or a trailing slash cannot reach a route without a key: anything not in `open_paths`,
     exactly, needs one.
     """
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str], discard_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: Sequence[str], discard_bytes: int, open_paths: frozenset[str] = OPEN_PATHS
+    ) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.open_paths = open_paths
         self.discard_bytes = discard_bytes  # of a refused body, read and dropped (see drop_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
         auth = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")

@@ -66,6 +66,10 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: StrList = Field(default_factory=list)
+    # /metrics and /get_load without the key: for routers and endpoint pickers that scrape without
+    # one (the Inference Extension's endpoint picker, vllm-router's load poll). They hold counts
+    # and timings, never a prompt or a key.
+    open_metrics: bool = False
     # ---- the engine (engine.config.EngineArgs)
     dtype: Annotated[DType | None, BeforeValidator(_dtype)] = ENGINE_DEFAULTS.dtype  # bf16, fp16, ... too
     device: str = ENGINE_DEFAULTS.device

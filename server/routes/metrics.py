@@ -1,6 +1,6 @@
 """GET /metrics (Prometheus text format) and GET /get_load (`{"load": N}`, the requests in flight,
 polled by vllm-router's and sglang-router's power-of-two policy); both need the API key like /v1
-when keys are set."""
+when keys are set, unless `open_metrics` opens them for routers that scrape without one."""
 
 from __future__ import annotations
 

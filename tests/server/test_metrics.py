@@ -11,6 +11,7 @@ import time
 
 import httpx
 
+from engine.config import ENGINE_DEFAULTS
 from tests.server.conftest import API_KEY, MODEL, scrape
 
 NAMES = [
@@ -24,6 +25,8 @@ NAMES = [
     "max_batch_size",
     "prompt_tokens_total",
     "generation_tokens_total",
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
     *(
         f'request_success_total{{finished_reason="{r}"}}'
         for r in ("stop", "length", "error", "abort", "queue_timeout")
@@ -149,6 +152,27 @@ def test_metrics_need_the_key(server):
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
 
 
+def test_prefix_cache_hits_count_the_prompt_tokens_served_from_cached_blocks(server):
+    import uuid
+
+    block = ENGINE_DEFAULTS.block_size  # the test server's
+    words = " ".join(f"word{i}" for i in range(60))
+    # a fresh word first, so the leading block is no earlier request's
+    body = {"messages": [{"role": "user", "content": f"{uuid.uuid4().hex} {words}"}], "max_tokens": 1}
+    before = idle(server)
+    first = post(server, "/v1/chat/completions", body).json()["usage"]["prompt_tokens"]
+    middle = idle(server)
+    post(server, "/v1/chat/completions", body)
+    after = idle(server)
+    assert first > 4 * block
+    assert delta(middle, before, "prefix_cache_queries_total") == first
+    assert delta(middle, before, "prefix_cache_hits_total") == 0
+    assert delta(after, middle, "prefix_cache_queries_total") == first
+    hits = delta(after, middle, "prefix_cache_hits_total")
+    # every full block but the one holding the last prompt token, which is computed again
+    assert hits == (first - 1) // block * block, (hits, first)
+
+
 # The model-server protocol's table (Gateway API Inference Extension, proposal 003, and vLLM's
 # production-stack router): name -> (type, lowest value, highest value or None).
 ROUTER_SERIES = {
@@ -156,7 +180,16 @@ ROUTER_SERIES = {
     "vllm:num_requests_running": ("gauge", 0, None),
     "vllm:kv_cache_usage_perc": ("gauge", 0.0, 1.0),
     "vllm:gpu_cache_usage_perc": ("gauge", 0.0, 1.0),
+    "vllm:cache_config_info": ("gauge", 1, 1),
 }
+
+
+def kv_blocks(server) -> int:
+    """The KV pool's blocks, from the startup line that sizes it ("KV cache 0.05 GiB (N tokens)")."""
+    import re
+
+    (tokens,) = re.findall(r"KV cache [\d.]+ GiB \((\d+) tokens\)", server.log.read_text())
+    return int(tokens) // ENGINE_DEFAULTS.block_size
 
 
 def router_series(server) -> dict[str, float]:
@@ -168,7 +201,14 @@ def router_series(server) -> dict[str, float]:
         if line.startswith("vllm:"):
             sample, _, value = line.rpartition(" ")
             name, _, labels = sample.partition("{")
-            assert labels == f'model_name="{MODEL}"}}', line
+            pairs = dict(pair.split("=", 1) for pair in labels.removesuffix("}").split(","))
+            expected = {"model_name": f'"{MODEL}"'}
+            if name == "vllm:cache_config_info":  # the configuration in labels, as vLLM
+                expected |= {
+                    "block_size": f'"{ENGINE_DEFAULTS.block_size}"',
+                    "num_gpu_blocks": f'"{kv_blocks(server)}"',
+                }
+            assert pairs == expected, line
             values[name] = float(value)
     assert set(values) == set(ROUTER_SERIES) and types == {n: t for n, (t, _, _) in ROUTER_SERIES.items()}
     for name, (_, low, high) in ROUTER_SERIES.items():
