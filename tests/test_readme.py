@@ -7,18 +7,22 @@ in the examples is changed, to the test server's.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from server.settings import READY_LINE
-from tests.server.conftest import launch, stop_server
+from tests.server.conftest import RunningServer, free_port, launch, stop_server
 from tests.server.test_mistral_clients import old_sdk_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +114,46 @@ def test_the_engine_example_runs_as_written(first_command, cache):
     demo = cache / "mixtral-server" / "smollm2-135m-instruct"
     printed = run_example("python", code.replace(path, repr(str(demo))), first_command)
     assert "Paris" in printed
+
+
+def free_run_of_ports(count: int) -> int:
+    """A port with the `count - 1` after it free too (the router's, then the replicas')."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports")
+
+
+def test_the_replicas_example_runs_as_written(first_command, cache, tmp_path):
+    """Two demo replicas and the router, as the README starts them (the port changed, and our
+    interpreter for `.venv/bin/python`); then its curl through the router."""
+    blocks = code_blocks(section("Serving more traffic than one server holds"))
+    (start,) = [code for _, code in blocks if "deploy/replicas.py" in code]
+    (ask,) = [code for _, code in blocks if code.startswith("curl")]
+    port = free_run_of_ports(3)
+    cmd = start.strip().replace(".venv/bin/python", sys.executable).replace("--port 8000", f"--port {port}")
+    assert cmd != start.strip() and "--port 8000" in start
+    log = tmp_path / "replicas.log"
+    env = os.environ | {"XDG_CACHE_HOME": str(cache), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=ROOT, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        ready = f"router ready at http://127.0.0.1:{port}"
+        while ready not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert "router ready at http://127.0.0.1:8000" in README  # the line the README names
+        router = RunningServer(f"http://127.0.0.1:{port}", proc, log)
+        printed = run_example("bash", ask, router)
+        assert "Paris" in json.loads(printed)["choices"][0]["message"]["content"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, log.read_text()[-3000:]  # drained and stopped cleanly
