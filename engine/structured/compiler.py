@@ -64,9 +64,13 @@ class GrammarCompiler:
             if grammar is not None:
                 return grammar
             future = self._pending.get(spec)
+            started = future is None
             if future is None:
                 future = self._pending[spec] = self._executor.submit(self._compile, spec)
-                future.add_done_callback(lambda _: self._forget_pending(spec))
+        if started:
+            # Outside the lock: a compile that already ended (a bad schema fails in about a
+            # millisecond) runs the callback here at once, and the callback takes the lock.
+            future.add_done_callback(lambda _: self._forget_pending(spec))
         return await asyncio.shield(asyncio.wrap_future(future))
 
     def _forget_pending(self, spec: StructuredOutput) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 
 import numpy as np
@@ -181,3 +182,31 @@ def test_a_cancelled_caller_leaves_the_compile_to_the_others(backend: LLGuidance
 
     asyncio.run(main())
     compiler.close()
+
+
+def test_a_compile_that_fails_at_once_never_blocks_the_event_loop(backend: LLGuidanceBackend) -> None:
+    """A bad schema fails in about a millisecond, often before the caller has registered the
+    pending compile's cleanup; that cleanup must not need the lock the caller still holds (it did:
+    the event loop deadlocked, and the server with it, found by the playground's browser tests).
+    The race is widest at a compiler's first compile, which starts its thread: each round uses a
+    fresh compiler, so many rounds hit the window."""
+    bad = StructuredOutput.json_schema({"type": "bogus"})
+    done = threading.Event()
+
+    async def main() -> None:
+        for _ in range(100):
+            compiler = GrammarCompiler(backend)
+            with pytest.raises(InvalidStructuredOutput):
+                await compiler.compile(bad)
+            compiler.close()
+        done.set()
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over often: the compile's thread gets to finish first
+    try:
+        loop = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        loop.start()
+        loop.join(30)
+    finally:
+        sys.setswitchinterval(switch)
+    assert done.is_set(), "the event loop deadlocked on a failed compile"
