@@ -10,7 +10,7 @@ from server.errors import install_error_handlers
 from server.middleware import METRICS_PATHS, OPEN_PATHS, ApiKeyAuth, BodyLimit, JsonContentType, ServerErrors
 from server.openapi import install_openapi
 from server.protocol import ChatCompletionChunk, CompletionResponse
-from server.routes import chat, completions, health, metrics, models, tokenize
+from server.routes import chat, completions, health, metrics, models, tokenize, ui
 from server.settings import DISCARD_FACTOR, ServerSettings
 from server.state import AppState
 
@@ -20,8 +20,11 @@ def create_app(state: AppState, settings: ServerSettings) -> FastAPI:
     app.state.mixtral = state
     for module in (chat, completions, models, tokenize, health, metrics):
         app.include_router(module.router)
-    install_error_handlers(app)
     open_paths = OPEN_PATHS | METRICS_PATHS if settings.open_metrics else OPEN_PATHS
+    if settings.ui:
+        app.include_router(ui.router)
+        open_paths |= ui.UI_PATHS
+    install_error_handlers(app)
     install_openapi(app, open_paths, bool(settings.api_keys), (ChatCompletionChunk, CompletionResponse))
     # Outermost last: the request id wraps everything, so even a 401, 413 or 500 carries one.
     discard = DISCARD_FACTOR * settings.max_body_bytes

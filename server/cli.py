@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--default-temperature", "temperature of requests that set none")
     add("--log-level", "debug, info, warning or error")
+    flagged.append("ui")
+    p.add_argument(
+        "--no-ui", dest="ui", action="store_false", default=None, help="no playground at /ui/ (default: on)"
+    )
     p.epilog = _epilog(flagged)
     return p
 

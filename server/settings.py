@@ -70,6 +70,7 @@ class ServerSettings(BaseSettings):
     # one (the Inference Extension's endpoint picker, vllm-router's load poll). They hold counts
     # and timings, never a prompt or a key.
     open_metrics: bool = False
+    ui: bool = True  # the playground at /ui/ (server/routes/ui.py); off with --no-ui
     # ---- the engine (engine.config.EngineArgs)
     dtype: Annotated[DType | None, BeforeValidator(_dtype)] = ENGINE_DEFAULTS.dtype  # bf16, fp16, ... too
     device: str = ENGINE_DEFAULTS.device

@@ -359,6 +359,10 @@ TRICKS = [
     "/%76%31/models", "/health/../v1/models", "/health/%2e%2e/v1/models", "/ready/..%2Fv1/models",
     "/health;/v1/models", "http://127.0.0.1/v1/models", "/v1/models/tiny-mixtral", "/metrics",
     "/get_load", "/health/../get_load",
+    # the playground's open paths (server/routes/ui.py)
+    "/ui/../v1/models", "/ui/%2e%2e/v1/models", "/ui/app.js/../../v1/models", "/ui//v1/models",
+    "/ui/..%2Fv1/models", "/ui/app.js%2F..%2F..%2Fv1%2Fmodels", "/ui;/v1/models", "/ui/v1/models",
+    "/ui/../metrics", "/./ui/../v1/models",
 ]  # fmt: skip
 
 

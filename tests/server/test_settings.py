@@ -85,7 +85,8 @@ def test_help_shows_every_default_and_the_demos_without_loading_torch():
         after = flat.split(f" {flag} ", 1)[1]
         assert after.split(" --", 1)[0].rstrip().endswith(f"(default: {getattr(defaults, name)})"), flag
     for name in ServerSettings.model_fields:  # every setting is in the help, with a flag or not
-        assert f"--{name.replace('_', '-')}" in flat or f"{name} (default: " in flat, name
+        flag = name.replace("_", "-")
+        assert f"--{flag}" in flat or f"--no-{flag}" in flat or f"{name} (default: " in flat, name
     assert "(default: demo)" in flat
 
 
