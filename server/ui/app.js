@@ -369,6 +369,8 @@ ui.responseFormat.addEventListener("change", () => {
   ui.schemaBox.hidden = ui.responseFormat.value !== "json_schema";
 });
 
+// On a narrow screen the settings start folded, so the conversation comes first.
+if (window.matchMedia("(max-width: 900px)").matches) $("settings-panel").open = false;
 renderLog();
 renderList();
 refreshModels();

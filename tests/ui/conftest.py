@@ -95,6 +95,8 @@ class Page:
 
     def set(self, id_: str, value: str) -> None:
         element = self.el(id_)
+        if not element.is_displayed():  # in the folded settings (a narrow screen): unfold them
+            self.driver.find_element(By.CSS_SELECTOR, "#settings-panel > summary").click()
         element.clear()
         if value:
             element.send_keys(value)

@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from selenium.webdriver.common.by import By
+
 from tests.server.conftest import launch, stop_server
 from tests.ui.conftest import Page, chrome
 
@@ -36,6 +38,8 @@ def main() -> None:
                     page = Page(driver, server).open(key="")
                     page.set("temperature", "0")
                     page.set("max_tokens", "48")
+                    if width < 900:  # fold the settings again, as the page starts there
+                        driver.find_element(By.CSS_SELECTOR, "#settings-panel > summary").click()
                     for question in QUESTIONS:
                         page.send(question)
                         page.wait_done(timeout=120)
