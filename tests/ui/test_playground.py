@@ -15,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
-from tests.server.conftest import API_KEY, MODEL
+from tests.server.conftest import API_KEY, MODEL, launch, stop_server
 from tests.ui.conftest import Page, axe_source, chrome, running_requests, until, wait_for
 
 LONG = "3000"  # max_tokens of a reply that outlasts the click on Stop
@@ -304,3 +304,24 @@ def test_conversations_are_kept_and_the_key_is_not(page, ui_server):
     assert page.driver.execute_script("return sessionStorage.getItem('mixtral-ui.key')") == API_KEY
     assert page.el("key").get_attribute("value") == API_KEY  # kept for the tab, not on disk
     assert API_KEY not in page.driver.current_url
+
+
+def test_a_server_still_loading_shows_not_ready_then_the_models(browser, hf_dir, tmp_path):
+    """503 `not_ready` as the API gives it while the model loads; the page asks again and lists
+    the models once the server is ready (tests/server/gated_server.py holds the load)."""
+    gate = tmp_path / "load"
+    args = ["--model", str(hf_dir), "--served-model-name", MODEL, "--kv-cache-memory-gb", "0.05"]
+    args += ["--api-key", API_KEY]
+    gated = "tests.server.gated_server"
+    server = launch(
+        args, tmp_path / "server.log", module=gated, env={"GATE_LOAD": str(gate)}, until="/health"
+    )
+    try:
+        page = Page(browser, server).open()
+        assert page.error().startswith("503: ") and page.error().endswith("[not_ready]"), page.error()
+        assert not browser.find_elements(By.CSS_SELECTOR, "#model option")
+        gate.touch()
+        wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"), timeout=60)
+        assert page.error() == "" and Select(page.el("model")).first_selected_option.text == MODEL
+    finally:
+        stop_server(server)
