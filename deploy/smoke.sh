@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Container smoke test: build the image with podman from a Debian bookworm base made locally
 # (debootstrap + `podman import`: no registry needed), run the CPU variant serving the demo
-# model, and check /health, /ready, one chat completion and one structured (JSON schema) reply on
-# 127.0.0.1.
+# model, and check /health, /ready, one chat completion, one structured (JSON schema) reply, the
+# playground at /ui/ on 127.0.0.1, and that the image holds vllm-router (the compose profile's).
 #
 #   sudo deploy/smoke.sh            # about 3-5 minutes cold; the base image is reused afterwards
 set -euo pipefail
@@ -83,8 +83,16 @@ structured=$(curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H "Content-
            "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
            "required": ["city"], "additionalProperties": false}}}}')
 echo "$structured"
-if echo "$structured" | python3 -c '
+echo "$structured" | python3 -c '
 import json, sys
 choice = json.load(sys.stdin)["choices"][0]
 assert choice["finish_reason"] == "stop" and set(json.loads(choice["message"]["content"])) == {"city"}
-'; then log "PASS"; else log "FAIL: the structured reply does not match its schema"; exit 1; fi
+' || { log "FAIL: the structured reply does not match its schema"; exit 1; }
+log "the playground is in the image, with its Content-Security-Policy"
+curl -fsS -D - -o /dev/null "http://127.0.0.1:$PORT/ui/" | grep -qi "^content-security-policy: default-src 'none'" \
+    || { log "FAIL: no playground at /ui/"; exit 1; }
+curl -fsS -o /dev/null "http://127.0.0.1:$PORT/ui/app.js" || { log "FAIL: the playground's script is missing"; exit 1; }
+log "the router the compose profile runs is in the image"
+podman run --rm --network host --entrypoint vllm-router "$IMAGE" --help | grep -q -- "--health-check-endpoint" \
+    || { log "FAIL: vllm-router is not in the image"; exit 1; }
+log "PASS"
