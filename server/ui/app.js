@@ -84,10 +84,10 @@ function fillBody(body, message) {
     part.append(render(text));
     body.append(part);
   });
-  if (message.stopped) {
+  if (message.stopped || message.failed) {
     const note = document.createElement("p");
     note.className = "stopped";
-    note.textContent = "(stopped)";
+    note.textContent = message.stopped ? "(stopped)" : "(ended by an error)";
     body.append(note);
   }
 }
@@ -216,10 +216,12 @@ async function generate() {
   const start = performance.now();
   let first = null;
   let usage = null;
+  const failed = new Set(); // choices the server ended in-band with finish_reason "error"
   try {
     await streamChat(body, ui.key.value, controller.signal, (chunk) => {
       if (chunk.usage) usage = chunk.usage;
       for (const choice of chunk.choices || []) {
+        if (choice.finish_reason === "error") failed.add(choice.index + 1);
         const text = choice.delta && choice.delta.content;
         if (!text) continue;
         if (first === null) first = performance.now();
@@ -230,6 +232,11 @@ async function generate() {
     });
     const end = performance.now();
     ui.stats.textContent = stats(start, first, end, usage);
+    if (failed.size) {
+      message.failed = true;
+      const which = n > 1 ? ` (choice ${[...failed].join(", ")})` : "";
+      showError(new ApiError(500, `the server ended the reply with an error${which}; what came before is kept`));
+    }
   } catch (e) {
     if (controller.signal.aborted) {
       message.stopped = true;

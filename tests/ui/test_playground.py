@@ -15,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
-from tests.server.conftest import API_KEY, MODEL, launch, stop_server
+from tests.server.conftest import API_KEY, MODEL, launch, start_server, stop_server
 from tests.ui.conftest import Page, axe_source, chrome, running_requests, until, wait_for
 
 LONG = "3000"  # max_tokens of a reply that outlasts the click on Stop
@@ -323,5 +323,24 @@ def test_a_server_still_loading_shows_not_ready_then_the_models(browser, hf_dir,
         gate.touch()
         wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"), timeout=60)
         assert page.error() == "" and Select(page.el("model")).first_selected_option.text == MODEL
+    finally:
+        stop_server(server)
+
+
+def test_a_reply_the_server_ends_with_an_error_keeps_its_text_and_says_so(browser, hf_dir, tmp_path):
+    """A forward that fails mid-way ends the stream in-band (`finish_reason: "error"`, then
+    [DONE]): the page keeps what came and shows the error (tests/server/faulty_server.py)."""
+    from tests.server.faulty_server import BREAKS_MID_WAY
+
+    server = start_server(hf_dir, tmp_path / "server.log", module="tests.server.faulty_server")
+    try:
+        page = Page(browser, server).open()
+        page.set("random_seed", str(BREAKS_MID_WAY))
+        page.set("max_tokens", "32")
+        page.send("Break, please.")
+        page.wait_done()
+        assert page.error() == "500: the server ended the reply with an error; what came before is kept"
+        (reply,) = page.replies()
+        assert reply.endswith("(ended by an error)") and len(reply) > len("(ended by an error)")
     finally:
         stop_server(server)
