@@ -65,9 +65,7 @@ export async function streamChat(body, key, signal, onChunk) {
         if (!line.startsWith("data:")) continue;
         const data = line.slice(5).trim();
         if (data === "[DONE]") return;
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new ApiError(500, chunk.error.message || "stream error", null, chunk.error.code);
-        onChunk(chunk);
+        onChunk(JSON.parse(data)); // a failed choice ends in-band: finish_reason "error" (app.js)
       }
     }
   }

@@ -148,7 +148,6 @@ function setStreaming(value) {
   streaming = value;
   ui.send.disabled = Boolean(value);
   ui.stop.disabled = !value;
-  ui.regenerate.disabled = Boolean(value) || !current.messages.length;
 }
 
 // ---- conversations --------------------------------------------------------------------------
