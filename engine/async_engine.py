@@ -211,6 +211,7 @@ class AsyncEngine:
             self.engine = engine = self._build()
             self._ready.set()
             while not self._stopping:
+                engine.check_ranks()
                 self._drain_commands(engine)
                 if not engine.has_work:
                     self._wake.wait(_IDLE_WAIT_S)
@@ -226,6 +227,9 @@ class AsyncEngine:
             self.dead_error = EngineDeadError(f"engine loop died: {type(exc).__name__}: {exc}"[:300])
             self._ready.set()  # release anyone waiting for a start that will never come
             self._deliver_threadsafe(self.dead_error)
+        finally:
+            if self.engine is not None:
+                self.engine.close(failed=self.dead_error is not None)
 
     def _drain_commands(self, engine: Engine) -> None:
         while True:

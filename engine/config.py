@@ -13,6 +13,7 @@ from model.options import DType, KernelChoice, Quantization, choices
 CPU_KV_CACHE_GB = 1.0
 # Below this, one output with its alternatives (a few KiB) could already overflow a stream's bound.
 MIN_STREAM_BUFFER_BYTES = 64 * 1024
+PARALLEL_SIZES = (1, 2, 4, 8)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -56,6 +57,12 @@ class EngineArgs:
     # A request's output left unread beyond this (a stream whose client stopped reading) aborts it.
     stream_buffer_bytes: int = 4 * 1024 * 1024
     seed: int = 0  # of the sampler, for requests without a seed of their own
+    # Ranks the model is split over (engine.workers): 1, 2, 4 or 8 GPUs, or CPU processes (gloo).
+    tensor_parallel_size: int = 1
+    # Whole experts per rank instead of a slice of every expert (needs tensor_parallel_size <= experts).
+    expert_parallel: bool = False
+    # A rank that does not answer a collective within this is a fault (the engine stops).
+    collective_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -72,6 +79,15 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         _check_runtime(self.cuda_graph_max_batch, self.max_queue_time_s)
         _check_positive(self, ("max_num_seqs", "max_num_batched_tokens", "block_size"))
+        if self.tensor_parallel_size not in PARALLEL_SIZES:
+            raise ValueError(
+                f"tensor_parallel_size must be one of {', '.join(map(str, PARALLEL_SIZES))}, "
+                f"got {self.tensor_parallel_size}"
+            )
+        if self.expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError("expert_parallel needs tensor_parallel_size > 1 (the ranks the experts go to)")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be positive, got {self.collective_timeout_s}")
         if self.stream_buffer_bytes < MIN_STREAM_BUFFER_BYTES:
             raise ValueError(
                 f"stream_buffer_bytes must be >= {MIN_STREAM_BUFFER_BYTES}, got {self.stream_buffer_bytes}"

@@ -55,3 +55,8 @@ class SlowConsumerError(EngineError):
 
 class EngineNotReadyError(EngineError):
     """The engine is still loading weights or warming up."""
+
+
+class RankFailure(EngineError):
+    """A rank of a tensor- or expert-parallel engine failed, or stopped answering: the ranks are
+    out of step, so the engine cannot go on (it dies, and the server exits non-zero)."""

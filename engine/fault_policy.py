@@ -5,6 +5,8 @@
   alone: the others go on (their KV slots are simply written again; seeded generators were
   restored by the runner).
 - Alone, a failure fails the request; running out of memory requeues it, up to MAX_OOM_RETRIES.
+- Under tensor or expert parallelism none of this applies: a failing step is a `RankFailure`,
+  which ends the engine (the ranks cannot retry a step some of them have half run).
 - A fault that comes with the batch size instead (each request then runs fine alone) halves the
   requests per step once it repeats, and the cap grows back after clean steps.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.errors import RankFailure
 from engine.outputs import RequestOutput
 from engine.request import Request
 from engine.runner import ModelRunner
@@ -72,6 +75,8 @@ class FaultPolicy:
         """Run the step's forward, finding and dealing with a request that breaks it."""
         try:
             run = self.runner.execute(sched)
+        except RankFailure:
+            raise  # the ranks are out of step: nothing can be retried (the engine stops)
         except torch.cuda.OutOfMemoryError as exc:
             traceback.clear_frames(exc.__traceback__)  # let the failed step's tensors go
             if len(sched.chunks) == 1:

@@ -32,6 +32,7 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.structured import CompiledGrammar, GrammarCompiler, InvalidStructuredOutput
+from engine.workers import FAILED_STOP_GRACE_S, STOP_GRACE_S, WorkerGroup
 from model.mixtral import MixtralModel
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,11 @@ class Engine:
         eos_token_id: int | None,
         seed: int = 0,
         grammars: GrammarCompiler | None = None,
+        workers: WorkerGroup | None = None,
     ) -> None:
         """`grammars` compiles structured-output specs for this model's vocabulary (None: a
-        request with `structured` is rejected)."""
+        request with `structured` is rejected). `workers`: the other ranks, when `model` is rank
+        0's share of a tensor- or expert-parallel model; the engine owns them (`close`)."""
         self.config = config
         self.eos_token_id = eos_token_id
         self.grammars = grammars
@@ -56,7 +59,8 @@ class Engine:
         self.output_processor = OutputProcessor(
             decoder, self.scheduler.finish, grammars.mask_words if grammars is not None else 0
         )
-        self.runner = ModelRunner(model, config, seed, self.output_processor.grammar_bitmask)
+        self.workers = workers
+        self.runner = ModelRunner(model, config, seed, self.output_processor.grammar_bitmask, workers)
         self.faults = FaultPolicy(
             self.runner, self.scheduler, config, self._fail, self.output_processor.restart_prompt_logprobs
         )
@@ -66,6 +70,16 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    def check_ranks(self) -> None:
+        """Raise `RankFailure` once a worker rank has exited (checked while idle, too)."""
+        if self.workers is not None:
+            self.workers.check()
+
+    def close(self, failed: bool = False) -> None:
+        """Stop the worker ranks, if any (`failed`: the engine died, so do not wait long for them)."""
+        if self.workers is not None:
+            self.workers.close(FAILED_STOP_GRACE_S if failed else STOP_GRACE_S)
 
     @property
     def num_retried_steps(self) -> int:

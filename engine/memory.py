@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from model.config import ModelConfig
+from model.parallel import SINGLE, Parallel
 from model.quant import WeightQuant
 
 _GB = 1e9
@@ -53,14 +54,18 @@ def plan_memory(
     kv_bytes: int,
     device_bytes: int,
     quant: WeightQuant = WeightQuant.NONE,
+    parallel: Parallel = SINGLE,
 ) -> MemoryPlan:
+    """What one rank needs: its 1/N of the weights (the router and norms, whole on every rank,
+    are noise next to that) and its kv heads' share of the cache."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
+    kv_heads = len(parallel.kv_heads(config.num_kv_heads))
+    per_token = config.num_layers * 2 * kv_heads * config.head_dim * itemsize
     weights = config.num_parameters() * itemsize
     if quant is not WeightQuant.NONE:  # experts at 1 byte per weight plus an fp32 scale per row
         experts = config.num_expert_parameters()
         weights += experts * (1 - itemsize) + config.num_expert_rows() * 4
-    return MemoryPlan(weights, max_model_len * per_token, kv_bytes, device_bytes, quant)
+    return MemoryPlan(weights // parallel.size, max_model_len * per_token, kv_bytes, device_bytes, quant)
 
 
 def check_fits(plan: MemoryPlan, device: str, dtype: torch.dtype) -> None:
@@ -74,7 +79,8 @@ def check_fits(plan: MemoryPlan, device: str, dtype: torch.dtype) -> None:
         f"+ {_OVERHEAD_FRACTION:.0%} margin = {plan.needed_bytes / _GB:.1f} GB, but the device has "
         f"{plan.device_bytes / _GB:.1f} GB. Use a larger device (Mixtral 8x7B in bf16 needs one "
         "141 GB H200), a shorter max_model_len / smaller kv_cache_memory_gb, 8-bit experts "
-        "(quantization: 8bit; Mixtral 8x7B then takes ~48 GB), or (planned) tensor parallelism."
+        "(quantization: 8bit; Mixtral 8x7B then takes ~48 GB), or more GPUs (tensor_parallel_size: 2 "
+        "holds it in bf16 on two 80 GB GPUs)."
     )
 
 

@@ -24,8 +24,20 @@ from model.batch import AttentionMetadata
 
 @dataclass(frozen=True, slots=True)
 class Routing:
+    """Each token's experts and weights. An id equal to the number of experts a layer holds marks
+    a pair routed to an expert another rank holds (expert parallel, `local_routing`): both
+    backends leave such pairs out."""
+
     topk_ids: torch.Tensor  # [T, A] int64, chosen experts
     topk_weights: torch.Tensor  # [T, A] fp32, renormalised to sum to 1 per token
+
+
+def local_routing(routing: Routing, experts: range) -> Routing:
+    """`routing` onto the experts one rank holds (`experts` of the layer's whole set): their ids
+    renumbered from 0, and pairs routed to other experts given id len(experts) and weight 0."""
+    ids = routing.topk_ids - experts.start
+    here = (ids >= 0) & (ids < len(experts))  # [T, A]
+    return Routing(torch.where(here, ids, len(experts)), routing.topk_weights * here)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +83,10 @@ class MoEDispatch:
 
 
 def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-expert pair ids [P] grouped by expert (stable), and pairs per expert [E]; no host sync."""
+    """Token-expert pair ids [P] grouped by expert (stable), and pairs per expert [E]; no host sync.
+
+    Ids must be below `num_experts`: a caller with pairs held elsewhere (id E) passes E + 1.
+    """
     flat = topk_ids.flatten()  # [P]
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]

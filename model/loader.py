@@ -17,9 +17,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from model.checkpoint_layouts import IGNORED_TENSORS, Layout, Placement, layout_names, optional_names
+from model.checkpoint_layouts import (
+    IGNORED_TENSORS,
+    Layout,
+    Placement,
+    Placements,
+    layout_names,
+    optional_names,
+)
 from model.config import ModelConfig, load_config, normalize_dtype_name
 from model.mixtral import MixtralModel
+from model.parallel import SINGLE, Parallel
 from model.quant import WeightQuant, quantize_rows, resolve_quant
 
 logger = logging.getLogger(__name__)
@@ -83,10 +91,14 @@ class TensorReader:
     def names(self) -> set[str]:
         return set(self._where)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, part: tuple[slice, ...] = ()) -> torch.Tensor:
+        """Tensor `name`, or only `part` of it: a safetensors slice reads just those bytes, and a
+        memory-mapped .pth tensor's view touches only those pages when copied."""
         handle = self._where[name]
         if isinstance(handle, dict):
-            return handle[name]
+            return handle[name][part] if part else handle[name]
+        if part:
+            return handle.get_slice(name)[part]  # type: ignore[attr-defined]
         return handle.get_tensor(name)  # type: ignore[attr-defined]
 
 
@@ -98,7 +110,7 @@ def detect_layout(family: str, names: set[str], config: ModelConfig) -> Layout:
     return Layout.CONSOLIDATED
 
 
-def check_names(expected: dict[str, Placement], present: set[str], optional: set[str]) -> None:
+def check_names(expected: Placements, present: set[str], optional: set[str]) -> None:
     """Raise a `CheckpointError` listing missing and unexpected tensors, if any."""
     missing = sorted(set(expected) - present)
     unexpected = sorted(n for n in present - set(expected) - optional if not IGNORED_TENSORS.match(n))
@@ -122,11 +134,14 @@ def load_model(
     max_model_len: int | None = None,
     progress: ProgressFn | None = None,
     quantization: str | None = None,
+    parallel: Parallel = SINGLE,
 ) -> MixtralModel:
     """Load a checkpoint (any supported layout) onto `device` in `dtype` (default: the checkpoint's).
 
     With `quantization` ('int8', 'fp8' or '8bit', see `model.quant`) the experts are quantized
     tensor by tensor as they stream from the file: only their 8-bit form is ever allocated.
+    With a `Parallel` of several ranks, this rank's share (`model.parallel`): only its slices
+    are read and allocated.
     """
     path = Path(model_dir)
     config = load_config(path, max_model_len)
@@ -134,7 +149,7 @@ def load_model(
     scheme = resolve_quant(quantization, device)
     ckpt = find_checkpoint_files(path)
     with torch.device("meta"):
-        model = MixtralModel(config).to(torch_dtype)
+        model = MixtralModel(config, parallel).to(torch_dtype)
         model.quantize_experts_(scheme)  # after .to(): fp8 storage must not be cast to 16 bits
     model.to_empty(device=torch.device(device))  # the only allocation: one copy, in the final dtype
     model.rotary.reset_cache()
@@ -143,11 +158,13 @@ def load_model(
         reader = TensorReader(ckpt.files, stack)
         present = reader.names()
         layout = detect_layout(ckpt.layout_family, present, config)
-        expected = layout_names(config, layout)
-        check_names(expected, present, optional_names(config, layout))
-        _fill(model, reader, expected, progress, scheme)
+        check_names(layout_names(config, layout), present, optional_names(config, layout))
+        _fill(model, reader, layout_names(config, layout, parallel), progress, scheme)
     quant = "" if scheme is WeightQuant.NONE else f" with {scheme.value} experts"
-    logger.info("loaded %s (%s layout) as %s%s on %s", path, layout.value, torch_dtype, quant, device)
+    share = f" (rank {parallel.rank} of {parallel.size})" if parallel.size > 1 else ""
+    logger.info(
+        "loaded %s (%s layout) as %s%s on %s%s", path, layout.value, torch_dtype, quant, device, share
+    )
     return model.eval()
 
 
@@ -160,7 +177,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torc
 def _fill(
     model: MixtralModel,
     reader: TensorReader,
-    expected: dict[str, Placement],
+    expected: Placements,
     progress: ProgressFn | None,
     scheme: WeightQuant = WeightQuant.NONE,
 ) -> None:
@@ -170,7 +187,7 @@ def _fill(
     done = 0
     for name, place in _ordered(expected):
         dest = params[place.param][place.region] if place.region else params[place.param]
-        src = reader.get(name)
+        src = reader.get(name, place.source)
         if place.transform is not None:
             src = place.transform(src)
         if src.shape != dest.shape:
@@ -196,6 +213,8 @@ def _fill(
     assert not unfilled, f"layout map does not cover every parameter exactly once: {unfilled}"
 
 
-def _ordered(expected: dict[str, Placement]) -> Iterator[tuple[str, Placement]]:
+def _ordered(expected: Placements) -> Iterator[tuple[str, Placement]]:
     """Read tensors in name order: files are written that way, so reads stay mostly sequential."""
-    return iter(sorted(expected.items()))
+    for name, placements in sorted(expected.items()):
+        for place in placements:
+            yield name, place

@@ -18,22 +18,28 @@ from model.batch import AttentionMetadata
 from model.config import ModelConfig
 from model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from model.moe import FeedForward
+from model.parallel import SINGLE, Parallel
 from model.quant import WeightQuant
 from model.torch_backend.kernels import TORCH_KERNELS
 from model.torch_backend.packed import PackedLinear, packing_supported
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with fused q/k/v projection over the paged cache."""
+    """Grouped-query attention with fused q/k/v projection over the paged cache.
 
-    def __init__(self, config: ModelConfig) -> None:
+    Under tensor parallelism it holds this rank's heads (`Parallel.heads`, `Parallel.kv_heads`)
+    and its output projection's partial sums are all-reduced.
+    """
+
+    def __init__(self, config: ModelConfig, parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.parallel = parallel
+        self.num_heads = len(parallel.heads(config.num_heads))
+        self.num_kv_heads = len(parallel.kv_heads(config.num_kv_heads))
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        q_size = config.num_heads * config.head_dim
-        kv_size = config.num_kv_heads * config.head_dim
+        q_size = self.num_heads * config.head_dim
+        kv_size = self.num_kv_heads * config.head_dim
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
@@ -54,21 +60,41 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, k, *rope)
         self.kernels.write_kv(kv_cache, k, v, meta.slot_mapping)
         out = self.kernels.attention(q, kv_cache, meta, self.scale)  # [T, H, Dh]
-        return self.o_proj(out.view(num_tokens, -1))
+        return self.parallel.all_reduce(self.o_proj(out.view(num_tokens, -1)))
+
+
+class VocabEmbedding(nn.Module):
+    """The token embedding; under tensor parallelism this rank's rows of it (`Parallel.vocab`),
+    other ranks' tokens giving zeros here, and the rows all-reduced."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: Parallel = SINGLE) -> None:
+        super().__init__()
+        self.parallel = parallel
+        self.rows = parallel.vocab(vocab_size)
+        self.weight = nn.Parameter(torch.empty(len(self.rows), hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, D]
+        if self.parallel.size == 1:
+            return nn.functional.embedding(input_ids, self.weight)
+        local = input_ids - self.rows.start
+        here = (local >= 0) & (local < len(self.rows))  # [T]
+        x = nn.functional.embedding(local.clamp(0, len(self.rows) - 1), self.weight)
+        return self.parallel.all_reduce(x * here.unsqueeze(1).to(x.dtype))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, parallel: Parallel = SINGLE) -> None:
         super().__init__()
         moe = config.moe
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, parallel)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = FeedForward(
             config.hidden_size,
             config.intermediate_size,
             num_experts=moe.num_experts if moe else 1,
             top_k=moe.top_k if moe else 1,
+            parallel=parallel,
         )
 
     def forward(
@@ -83,16 +109,22 @@ class DecoderLayer(nn.Module):
 
 
 class MixtralModel(nn.Module):
-    """Token ids of a flat batch in, final hidden states out; `compute_logits` for the rows needed."""
+    """Token ids of a flat batch in, final hidden states out; `compute_logits` for the rows needed.
 
-    def __init__(self, config: ModelConfig) -> None:
+    Built with a `Parallel` of several ranks, it is one rank's share of the model (see
+    `model.parallel`): every rank runs the same forward on the same batch, in step.
+    """
+
+    def __init__(self, config: ModelConfig, parallel: Parallel = SINGLE) -> None:
         super().__init__()
+        parallel.check(config)
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.parallel = parallel
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, parallel)
+        self.layers = nn.ModuleList(DecoderLayer(config, parallel) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, len(parallel.vocab(config.vocab_size)), bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -144,9 +176,18 @@ class MixtralModel(nn.Module):
             self.lm_head = PackedLinear(self.lm_head.weight)
         return True
 
+    @property
+    def num_kv_heads(self) -> int:
+        """The kv heads this rank's KV cache holds."""
+        return self.layers[0].attn.num_kv_heads
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, D] -> [S, V] fp32
-        return self.lm_head(hidden).float()
+        """The logits of `hidden`'s rows. Under tensor parallelism every rank calls it (a
+        collective); rank 0 gets all [S, V], the other ranks their own vocabulary share [S, V/N]."""
+        logits = self.lm_head(hidden).float()
+        gathered = self.parallel.gather_vocab(logits)
+        return logits if gathered is None else gathered
 
 
 def allocate_kv_cache(
@@ -155,19 +196,23 @@ def allocate_kv_cache(
     block_size: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    parallel: Parallel = SINGLE,
 ) -> torch.Tensor:
-    """The paged KV pool `[L, 2, N, B, K, Dh]`, zeroed.
+    """The paged KV pool `[L, 2, N, B, K, Dh]` of this rank's kv heads, zeroed.
 
     Every slot is written before it is read, so the zeros are not for correctness: writing the
     pool once makes all of it resident now. Left empty, a CPU pool's pages would become resident
     one by one as blocks are first used, so the process would grow for hours and could be killed
     for memory long after it said it was ready.
     """
-    shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    kv_heads = len(parallel.kv_heads(config.num_kv_heads))
+    shape = (config.num_layers, 2, num_blocks, block_size, kv_heads, config.head_dim)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of KV cache one token takes across all layers (128 KiB for Mixtral 8x7B in bf16)."""
+def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype, parallel: Parallel = SINGLE) -> int:
+    """Bytes of KV cache one token takes across all layers on one rank (128 KiB for Mixtral 8x7B
+    in bf16 on one rank, 64 KiB on each of two)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
+    kv_heads = len(parallel.kv_heads(config.num_kv_heads))
+    return config.num_layers * 2 * kv_heads * config.head_dim * itemsize

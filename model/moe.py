@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.backend import ExpertWeights, Kernels, Routing
+from model.backend import ExpertWeights, Kernels, Routing, local_routing
+from model.parallel import SINGLE, Parallel
 from model.quant import WeightQuant, quantize_rows
 from model.torch_backend.kernels import TORCH_KERNELS
 from model.torch_backend.moe import expert_forward
@@ -34,14 +35,28 @@ class FeedForward(nn.Module):
     Expert weights are 16-bit, or 8-bit with per-output-channel scales after `quantize_`
     (`model.quant`). The routed experts run on `self.kernels`; a dense FFN always takes the torch
     path, and so do experts prepacked for the CPU (`pack_for_cpu`, only on the torch backend).
+
+    Under tensor parallelism a rank holds a slice of every expert's FFN dimension; under expert
+    parallelism, whole experts (`Parallel.experts`), the tokens routed to other ranks' experts
+    dropped here. The router is whole on every rank, and the partial sums are all-reduced.
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int = 1, top_k: int = 1) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_size: int,
+        num_experts: int = 1,
+        top_k: int = 1,
+        parallel: Parallel = SINGLE,
+    ) -> None:
         super().__init__()
-        self.num_experts = num_experts
+        self.parallel = parallel
+        self.local_experts = parallel.experts(num_experts)
+        self.num_experts = len(self.local_experts)  # held here
         self.top_k = top_k
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
+        local_ffn = len(parallel.ffn(ffn_size))
+        self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * local_ffn, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(self.num_experts, hidden_size, local_ffn))
         self.w13_scale: nn.Parameter | None = None  # [E, 2F] fp32, 8-bit weights only
         self.w2_scale: nn.Parameter | None = None  # [E, D] fp32
         self.gate: nn.Module | None = None  # the router; a dense FFN has none
@@ -52,8 +67,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         if self.gate is None:
-            return expert_forward(self.expert_weights(), 0, x)
-        return self.kernels.moe(x, route(self.gate(x), self.top_k), self.expert_weights())
+            return self.parallel.all_reduce(expert_forward(self.expert_weights(), 0, x))
+        routing = route(self.gate(x), self.top_k)
+        if self.parallel.expert_parallel:
+            routing = local_routing(routing, self.local_experts)
+        return self.parallel.all_reduce(self.kernels.moe(x, routing, self.expert_weights()))
 
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.w13, self.w2, self.w13_scale, self.w2_scale, self._packed)

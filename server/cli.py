@@ -79,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
         "--gpu-memory-utilization",
         "fraction of the GPU's total memory for weights, activations and the KV pool",
     )
+    add("--tensor-parallel-size", "ranks (GPUs, or CPU processes) the model is split over: 1, 2, 4 or 8")
+    flagged.append("expert_parallel")
+    p.add_argument(
+        "--expert-parallel",
+        dest="expert_parallel",
+        action="store_true",
+        default=None,
+        help="whole experts per rank instead of a slice of every expert (default: off)",
+    )
     add("--default-temperature", "temperature of requests that set none")
     add("--log-level", "debug, info, warning or error")
     flagged.append("ui")

@@ -87,6 +87,9 @@ class ServerSettings(BaseSettings):
     max_queue_time_s: float = ENGINE_DEFAULTS.max_queue_time_s
     stream_buffer_bytes: int = ENGINE_DEFAULTS.stream_buffer_bytes
     seed: int = ENGINE_DEFAULTS.seed
+    tensor_parallel_size: int = ENGINE_DEFAULTS.tensor_parallel_size
+    expert_parallel: bool = ENGINE_DEFAULTS.expert_parallel
+    collective_timeout_s: float = ENGINE_DEFAULTS.collective_timeout_s
     # ---- requests
     default_temperature: float = 0.7
     max_body_bytes: int = 2 * 1024 * 1024

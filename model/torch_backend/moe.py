@@ -37,12 +37,16 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def grouped_experts(x: torch.Tensor, routing: Routing, num_experts: int, expert: ExpertFn) -> torch.Tensor:
     """Torch-path MoE: one GEMM per expert segment, weighted scatter-add back to tokens; x [T, D]."""
     top_k = routing.topk_ids.shape[1]
-    pair_ids, counts = sort_pairs_by_expert(routing.topk_ids, num_experts)  # [P], [E]
+    # One group more than the experts: the pairs another rank's experts take (expert parallel),
+    # sorted last and left out.
+    pair_ids, counts = sort_pairs_by_expert(routing.topk_ids, num_experts + 1)  # [P], [E + 1]
+    per_expert = counts.tolist()[:num_experts]  # host sync: torch path only
+    pair_ids = pair_ids[: sum(per_expert)]
     token_ids = pair_ids // top_k  # [P]
     xs = x.index_select(0, token_ids)  # [P, D]
     ys = torch.empty_like(xs)  # [P, D]
     start = 0
-    for e, count in enumerate(counts.tolist()):  # host sync: torch path only
+    for e, count in enumerate(per_expert):
         if count:
             ys[start : start + count] = expert(e, xs[start : start + count])
             start += count

@@ -13,6 +13,9 @@ to exactly one expert and one launch covers all experts.
 loaded, converted to the activation dtype in registers and multiplied; the per-channel scale
 factors out of the K reduction and is applied to the accumulator once.
 
+Under expert parallelism a pair routed to an expert this rank does not hold has id E
+(`model.backend.Routing`): its group's tiles write zeros and read no weights.
+
 No host sync: tile count and capacity are fixed by the token count, and tiles past the padded
 length read it on the device and exit, so the layer can be captured in a CUDA graph.
 
@@ -41,6 +44,7 @@ def _grouped_gemm_kernel(
     num_padded_ptr,  # [1] used length of sorted_pair_ids
     pair_weights_ptr,  # [P] fp32 routing weight of each pair (ROUTE_WEIGHT only)
     num_pairs,
+    num_experts,
     N,
     K,
     capacity,
@@ -79,6 +83,11 @@ def _grouped_gemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
+    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    if expert >= num_experts:  # pairs another rank's experts take (expert parallel): zeros
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, zeros, mask=row_ok[:, None] & col_ok[None, :])
+        return
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn  # [1, BN]
@@ -115,7 +124,6 @@ def _grouped_gemm_kernel(
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
     if ROUTE_WEIGHT:
         acc *= tl.load(pair_weights_ptr + pairs, mask=row_ok, other=0.0)[:, None]
-    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -144,7 +152,8 @@ def fused_moe(
         raise ValueError("w13_scale and w2_scale must be given together")
     x = x.contiguous()
     cfg = config or moe_tile_config(num_experts, ffn, num_tokens, x.device)
-    dispatch = align_to_experts(routing.topk_ids, num_experts, cfg.block_m)
+    # One group more than the experts: pairs routed to another rank's experts (expert parallel).
+    dispatch = align_to_experts(routing.topk_ids, num_experts + 1, cfg.block_m)
     pair_weights = routing.topk_weights.flatten().float()  # [P]
 
     h = torch.empty(num_pairs, ffn, dtype=x.dtype, device=x.device)  # [P, F]
@@ -178,7 +187,7 @@ def _grouped_gemm(
         a, w, unused if scale is None else scale, out,
         dispatch.sorted_pair_ids, dispatch.tile_expert_ids, dispatch.num_padded,
         unused if pair_weights is None else pair_weights,
-        out.shape[0], n, k, capacity,
+        out.shape[0], w.shape[0], n, k, capacity,
         a.stride(0), w.stride(0), w.stride(1), 0 if scale is None else scale.stride(0), out.stride(0),
         A_DIV=a_div, GATED=gated, ROUTE_WEIGHT=pair_weights is not None, QUANTIZED=scale is not None,
         UPCAST=upcast, BLOCK_M=cfg.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=cfg.group_m,

@@ -88,7 +88,7 @@ def test_decode_graph_buffers_and_padding_keep_tokens_equal(hf_dir, monkeypatch,
     runner = triton_engine.runner
     graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.config.max_blocks_per_seq, [2, 4, 8], False)
     graphs.capture()
-    runner.graphs = graphs
+    runner.forward.graphs = graphs
     padded: list[int] = []
     run_graph = graphs.run
 

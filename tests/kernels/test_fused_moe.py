@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.backend import ExpertWeights, Routing
+from model.backend import ExpertWeights, Routing, local_routing
 from model.moe import route
 from model.quant import WeightQuant, quantize_rows
 from model.torch_backend.moe import grouped_swiglu, routed_experts
@@ -101,3 +101,23 @@ def test_rejects_half_quantized_weights():
         fused_moe(
             torch.randn(2, D, device=DEVICE), route(torch.randn(2, E, device=DEVICE), 2), q13, w2, s13, None
         )
+
+
+@pytest.mark.parametrize("held", [range(0, 2), range(2, 4), range(3, 4)], ids=str)
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+def test_expert_parallel_share(num_tokens, held):
+    """A rank holding only `held` of the experts (expert parallel): pairs routed elsewhere come
+    out as zeros, and the held experts' part equals the torch path's and the whole layer's share."""
+    x = torch.randn(num_tokens, D, device=DEVICE)
+    w13, w2 = weights()
+    full = route(torch.randn(num_tokens, E, device=DEVICE), 2)
+    local = local_routing(full, held)
+    part = slice(held.start, held.stop)
+    out = fused_moe(x, local, w13[part].contiguous(), w2[part].contiguous(), upcast=UPCAST)
+    torch.testing.assert_close(out, grouped_swiglu(x, local, w13[part], w2[part]), **FP32_TOL)
+    shares = [
+        grouped_swiglu(x, local_routing(full, r), w13[r.start : r.stop], w2[r.start : r.stop])
+        for r in (range(0, held.start), held, range(held.stop, E))
+        if len(r)
+    ]
+    torch.testing.assert_close(sum(shares), grouped_swiglu(x, full, w13, w2), **FP32_TOL)

@@ -19,7 +19,7 @@ class PagedHarness:
         self.block_size = block_size
         dtype = model.embed_tokens.weight.dtype
         device = model.embed_tokens.weight.device
-        self.kv = allocate_kv_cache(model.config, num_blocks, block_size, dtype, device)
+        self.kv = allocate_kv_cache(model.config, num_blocks, block_size, dtype, device, model.parallel)
         self.kv.fill_(float("nan"))
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
