@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.memory import check_fits, plan_memory
+from engine.memory import InsufficientMemoryError, check_fits, plan_memory
+from model.parallel import Parallel
 from model.quant import resolve_quant
 from server.cli import parse_args
 from server.settings import load_settings
@@ -36,6 +37,18 @@ def test_mixtral_configs_fit_their_card(name, card, expect_quant):
         MIXTRAL_8X7B, torch.bfloat16, s.max_model_len, int(s.kv_cache_memory_gb * GIB), card, quant
     )
     check_fits(plan, s.device, torch.bfloat16)
+
+
+def test_tp2_config_fits_two_h100_and_bf16_does_not_fit_one():
+    s = load_settings({}, CONFIGS / "mixtral-8x7b-instruct-tp2.yaml")
+    assert (s.tensor_parallel_size, s.quantization, s.dtype) == (2, "none", "bfloat16")
+    kv = int(s.kv_cache_memory_gb * GIB)
+    share = Parallel(0, 2)
+    plan = plan_memory(MIXTRAL_8X7B, torch.bfloat16, s.max_model_len, kv, H100, parallel=share)
+    check_fits(plan, s.device, torch.bfloat16)  # per rank: half the weights, half the kv heads
+    assert plan.weights_bytes < 0.55 * plan_memory(MIXTRAL_8X7B, torch.bfloat16, 1, 0, H100).weights_bytes
+    with pytest.raises(InsufficientMemoryError, match="tensor_parallel_size: 2"):
+        check_fits(plan_memory(MIXTRAL_8X7B, torch.bfloat16, s.max_model_len, kv, H100), s.device, torch.bfloat16)
 
 
 def test_quantization_and_kernel_flags():

@@ -137,3 +137,15 @@ def test_the_compose_replicas_profile_routes_on_readiness():
         grace = int(service["stop_grace_period"].removesuffix("s"))
         assert grace >= ServerSettings.model_fields["drain_timeout_s"].default + FLUSH_S + SHUTDOWN_GRACE_S
     assert len(gpus) == 2  # one GPU each
+
+
+def test_the_compose_tp2_profile_gives_one_server_two_gpus():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    tp2 = services["mixtral-tp2"]
+    assert tp2["profiles"] == ["tp2"]
+    assert tp2["command"] == ["--config", "configs/mixtral-8x7b-instruct-tp2.yaml"]
+    (gpus,) = tp2["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus["device_ids"] == ["0", "1"]
+    assert tp2["ipc"] == "host"
+    config = yaml.safe_load((ROOT / "configs" / "mixtral-8x7b-instruct-tp2.yaml").read_text())
+    assert config["tensor_parallel_size"] == len(gpus["device_ids"])
