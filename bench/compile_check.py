@@ -12,7 +12,8 @@ names the target GPU, and a hook records each launch instead of running it. Each
 variant is then compiled for the target. Its resource use is read from the cubin with the
 bundled cuobjdump: registers, spilled bytes (local memory) and shared memory.
 
-Variants: the fused MoE at every row of the tuned tables (H100 and H200) with bf16, int8 and fp8
+Variants: the fused MoE at every row of the tuned tables (H100 and H200; one rank's shapes at
+TP=1, 2, 4 and EP=2, 4) with bf16, int8 and fp8
 (sm_89 and up) weights, both launches; decode attention unsplit and split 2 to 32 ways; prefill
 attention; the KV write; bf16 throughout, as the GPU configs serve.
 
@@ -105,23 +106,29 @@ class Recorder:
 
 def record_moe(rec: Recorder, arch: int, quick: bool) -> None:
     schemes = [None, WeightQuant.INT8] + ([WeightQuant.FP8] if arch >= 89 else [])
-    tables = {family: table for (_, _, family), table in moe_configs.TUNED.items()}
+    tables = dict(moe_configs.TUNED)
     if quick:
-        tables = {"H100": {t: tables["H100"][t] for t in (1, 32, 256)}}
+        tables = {
+            (8, 14336, "H100"): {t: tables[8, 14336, "H100"][t] for t in (1, 32, 256)},
+            (8, 7168, "H100"): {t: tables[8, 7168, "H100"][t] for t in (1, 4)},  # one TP=2 rank
+        }
         schemes = [None, schemes[-1]]
-    w13 = torch.randn(EXPERTS, 2 * FFN, HIDDEN, dtype=torch.bfloat16)
-    w2 = torch.randn(EXPERTS, HIDDEN, FFN, dtype=torch.bfloat16)
     for scheme in schemes:
-        weights = (w13, None, w2, None)
-        if scheme is not None:
-            (q13, s13), (q2, s2) = quantize_rows(w13, scheme), quantize_rows(w2, scheme)
-            weights = (q13, s13, q2, s2)
-        for family, table in tables.items():
+        for (experts, ffn, family), table in tables.items():
+            # Each rank's layer: E experts (fewer under expert parallel), N = its FFN slice, here
+            # scaled down with the same divisibility by 16 as 14336, 7168 and 3584.
+            w13 = torch.randn(experts, 2 * FFN, HIDDEN, dtype=torch.bfloat16)
+            w2 = torch.randn(experts, HIDDEN, FFN, dtype=torch.bfloat16)
+            weights = (w13, None, w2, None)
+            if scheme is not None:
+                (q13, s13), (q2, s2) = quantize_rows(w13, scheme), quantize_rows(w2, scheme)
+                weights = (q13, s13, q2, s2)
             for tokens, row in table.items():
-                rec.label = f"MoE {family} {tokens:>4} tokens {scheme.value if scheme else 'bf16'}"
+                shape = f"E={experts},N={ffn}"
+                rec.label = f"MoE {family} {shape} {tokens:>4} tokens {scheme.value if scheme else 'bf16'}"
                 n = min(tokens, 256)
                 x = torch.randn(n, HIDDEN, dtype=torch.bfloat16)
-                ids = torch.randint(0, EXPERTS, (n, TOP_K))
+                ids = torch.randint(0, experts, (n, TOP_K))
                 routing = Routing(ids, torch.full((n, TOP_K), 0.5))
                 fused_moe.fused_moe(
                     x, routing, weights[0], weights[2], weights[1], weights[3], moe_configs.TileConfig(*row)

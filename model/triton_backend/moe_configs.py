@@ -1,8 +1,9 @@
 """Tile configurations of the fused MoE kernel, per GPU and token count.
 
-Seeded from vLLM's tuned configs for Mixtral 8x7B at tensor-parallel size 1 (E=8, N=14336), the
-JSON files `vllm/model_executor/layers/fused_moe/configs/E=8,N=14336,device_name=<GPU>.json`
-(H100: as in the zyongye/vllm copy at commit 4ca1d92; H200: vllm-project/vllm at 432a38c).
+Seeded from vLLM's tuned configs for Mixtral 8x7B, the JSON files
+`vllm/model_executor/layers/fused_moe/configs/E=8,N=<N>,device_name=<GPU>.json`: at tensor-parallel
+size 1 (N=14336; H100: as in the zyongye/vllm copy at commit 4ca1d92; H200: vllm-project/vllm at
+432a38c), and one rank's slice of each expert at sizes 2 and 4 (N=7168, 3584; commits below).
 Keys are the token count M of the layer call; the nearest key is used, as vLLM does. Columns:
 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
 
@@ -109,11 +110,110 @@ _H200: dict[int, _Row] = {
     4096: (128, 256, 64, 16, 8, 4),
 }
 
-# (experts, expert FFN size, GPU family as it appears in torch's device name) -> table. A family
-# shares one table (an H100 PCIe starts from the SXM one's figures; retune with bench/tune_moe.py).
+# Tensor parallel: each rank holds a slice of every expert, so its layer is (E=8, N=14336/TP).
+# vLLM's tables E=8,N=7168 (TP=2; H100 at vllm-project/vllm 02ba322, H200 at c6991a3) and
+# E=8,N=3584 (TP=4; H100 at 702e0e2, H200 at b56f185).
+_H100_TP2: dict[int, _Row] = {
+    1: (16, 64, 128, 64, 4, 4),
+    2: (16, 128, 128, 32, 8, 4),
+    4: (16, 32, 256, 16, 4, 4),
+    8: (16, 128, 128, 32, 8, 4),
+    16: (16, 128, 128, 1, 4, 4),
+    24: (16, 128, 128, 1, 4, 4),
+    32: (16, 128, 128, 1, 4, 4),
+    48: (32, 128, 128, 1, 4, 4),
+    64: (32, 128, 128, 1, 4, 4),
+    96: (32, 128, 128, 64, 4, 4),
+    128: (64, 128, 128, 1, 4, 4),
+    256: (64, 128, 128, 64, 4, 4),
+    512: (64, 256, 64, 32, 4, 4),
+    1024: (128, 256, 64, 16, 8, 4),
+    1536: (128, 256, 64, 64, 8, 4),
+    2048: (128, 256, 64, 32, 8, 4),
+    3072: (128, 256, 64, 64, 8, 4),
+    4096: (128, 256, 64, 16, 8, 4),
+}
+
+_H200_TP2: dict[int, _Row] = {
+    1: (16, 128, 128, 64, 4, 5),
+    2: (16, 128, 256, 16, 4, 3),
+    4: (16, 128, 128, 32, 8, 4),
+    8: (32, 128, 128, 1, 4, 3),
+    16: (16, 128, 128, 16, 4, 5),
+    24: (16, 64, 256, 16, 4, 3),
+    32: (16, 128, 128, 1, 4, 5),
+    48: (32, 128, 128, 1, 4, 5),
+    64: (32, 128, 128, 1, 4, 4),
+    96: (64, 128, 128, 1, 8, 4),
+    128: (64, 128, 128, 1, 8, 4),
+    256: (128, 256, 64, 1, 8, 4),
+    512: (128, 256, 64, 32, 8, 4),
+    1024: (128, 256, 64, 64, 8, 4),
+    1536: (128, 256, 64, 16, 8, 4),
+    2048: (128, 256, 64, 16, 8, 4),
+    3072: (128, 256, 64, 64, 8, 4),
+    4096: (128, 256, 64, 16, 8, 3),
+}
+
+_H100_TP4: dict[int, _Row] = {
+    1: (16, 64, 256, 64, 4, 4),
+    2: (16, 256, 64, 32, 4, 4),
+    4: (16, 64, 256, 16, 4, 4),
+    8: (16, 64, 128, 1, 4, 4),
+    16: (16, 64, 128, 1, 4, 4),
+    24: (16, 64, 128, 1, 4, 4),
+    32: (16, 64, 128, 1, 4, 4),
+    48: (32, 128, 128, 1, 4, 4),
+    64: (32, 128, 128, 1, 4, 4),
+    96: (32, 128, 128, 32, 4, 4),
+    128: (64, 128, 128, 1, 4, 4),
+    256: (128, 256, 64, 1, 8, 4),
+    512: (64, 128, 64, 32, 4, 4),
+    1024: (64, 256, 64, 64, 4, 4),
+    1536: (128, 256, 64, 64, 8, 4),
+    2048: (128, 256, 64, 64, 8, 4),
+    3072: (128, 256, 64, 64, 8, 4),
+    4096: (128, 256, 64, 1, 8, 4),
+}
+
+_H200_TP4: dict[int, _Row] = {
+    1: (16, 128, 128, 16, 4, 5),
+    2: (16, 128, 128, 1, 4, 3),
+    4: (16, 64, 128, 16, 4, 5),
+    8: (16, 64, 128, 16, 4, 5),
+    16: (16, 128, 128, 32, 8, 3),
+    24: (16, 128, 128, 1, 8, 3),
+    32: (16, 128, 128, 1, 8, 3),
+    48: (32, 128, 128, 1, 4, 3),
+    64: (64, 128, 64, 64, 4, 4),
+    96: (64, 128, 64, 1, 4, 4),
+    128: (64, 64, 64, 1, 4, 3),
+    256: (128, 256, 64, 32, 8, 4),
+    512: (128, 256, 64, 16, 8, 4),
+    1024: (128, 256, 64, 32, 8, 4),
+    1536: (128, 256, 64, 16, 8, 4),
+    2048: (128, 256, 64, 16, 8, 4),
+    3072: (128, 256, 64, 32, 8, 4),
+    4096: (128, 256, 64, 32, 8, 4),
+}
+
+# (experts, expert FFN size, GPU family as it appears in torch's device name) -> table: the
+# shapes one rank's layer has. A family shares one table (an H100 PCIe starts from the SXM one's
+# figures; retune with bench/tune_moe.py). Expert parallel gives a rank whole experts, (E=4 at
+# EP=2, E=2 at EP=4, N=14336): vLLM publishes no table for those, so they start from the E=8
+# table (each expert's GEMM has the same shape; what changes is how many experts share the
+# tokens). They are seeds, not measurements.
 TUNED: dict[tuple[int, int, str], dict[int, _Row]] = {
     (8, 14336, "H100"): _H100,
     (8, 14336, "H200"): _H200,
+    (8, 7168, "H100"): _H100_TP2,
+    (8, 7168, "H200"): _H200_TP2,
+    (8, 3584, "H100"): _H100_TP4,
+    (8, 3584, "H200"): _H200_TP4,
+    (4, 14336, "H100"): _H100,
+    (4, 14336, "H200"): _H200,
+    (2, 14336, "H100"): _H100,
+    (2, 14336, "H200"): _H200,
 }
 
 

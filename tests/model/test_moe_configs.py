@@ -41,6 +41,10 @@ def test_table_lookup_by_family_and_nearest_token_count():
     assert tuned_table(8, 14336, "NVIDIA H100 80GB HBM3") is TUNED[(8, 14336, "H100")]
     assert tuned_table(8, 14336, "NVIDIA H100 PCIe") is TUNED[(8, 14336, "H100")]
     assert tuned_table(8, 14336, "NVIDIA H200") is TUNED[(8, 14336, "H200")]
+    # One rank's layer under tensor parallelism (a slice of each expert) and expert parallelism.
+    assert tuned_table(8, 7168, "NVIDIA H100 80GB HBM3") is TUNED[(8, 7168, "H100")]
+    assert tuned_table(8, 3584, "NVIDIA H200") is TUNED[(8, 3584, "H200")]
+    assert tuned_table(4, 14336, "NVIDIA H200") is TUNED[(8, 14336, "H200")]  # EP=2: seeded from E=8
     assert tuned_table(8, 14336, "NVIDIA A100-SXM4-80GB") is None
     assert tuned_table(8, 4096, "NVIDIA H100 80GB HBM3") is None  # another model's shapes
     # On CPU (the interpreter) the untuned default applies, by token count.
