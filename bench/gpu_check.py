@@ -17,7 +17,9 @@ weights with Mixtral 8x7B's exact layer shapes (hidden 4096, experts 8 x 14336, 
    actually routed to, attention, head, KV) / measured copy bandwidth; prefill = FLOPs / GEMM rate;
 4. the same decode timings with 8-bit experts (fp8 e4m3 on Hopper, int8 elsewhere);
 5. decode attention alone over 32k-token contexts at batch 1 and 8, one pass per (sequence, kv
-   head) vs split-KV, checked against torch and as a fraction of the bandwidth ceiling.
+   head) vs split-KV, checked against torch and as a fraction of the bandwidth ceiling;
+6. tensor parallel (`bench/tp_check.py`): two layers split over two ranks, NCCL when the machine
+   has two GPUs, else gloo on the one GPU (the per-rank Triton shapes), against one rank.
 Timing: CUDA events after warm-up, median of repeats.
 """
 
@@ -289,6 +291,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--layers", type=int, help="decoder layers (default: as many as fit most of the card)")
     ap.add_argument("--skip-8bit", action="store_true")
+    ap.add_argument("--skip-tp", action="store_true", help="no tensor-parallel section (bench/tp_check.py)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     started = time.monotonic()
@@ -359,6 +362,13 @@ def main() -> int:
         results[scheme.value] = measure(model, kv, builder, plan, triton_kernels, timer, ceiling, 1.0, False)
 
     print_targets(results["bf16"])
+    if not args.skip_tp:
+        del model, kv
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        from bench import tp_check  # the tensor-parallel section; it imports this module's helpers
+
+        results["tp"] = tp_check.run(args.smoke, 2, check)
     results["failures"] = check.failures
     results["seconds"] = time.monotonic() - started
     print(f"done in {results['seconds']:.0f} s; {len(check.failures)} check(s) failed {check.failures or ''}")

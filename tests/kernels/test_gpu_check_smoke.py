@@ -32,6 +32,10 @@ def test_gpu_check_smoke_runs_and_its_checks_pass(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["failures"] == []
     assert {"decode_1", "moe"} <= set(figures["bf16"])
+    assert figures["tp"]["rank_ffn"] * 2 == (
+        96 if not torch.cuda.is_available() else 14336
+    )  # half of each expert
+    assert "TP=2 logits vs one rank" in done.stdout
     assert "0 check(s) failed" in done.stdout
 
 
