@@ -46,19 +46,19 @@ class Parallel:
             return
         problems = []
         if config.num_heads % n:
-            problems.append(f"{config.num_heads} attention heads")
+            problems.append(f"{config.num_heads} attention heads do not divide by {n}")
         k = config.num_kv_heads
         if k % n and n % k:
-            problems.append(f"{k} kv heads (neither divides the other)")
+            problems.append(f"{k} kv heads neither divide by {n} nor divide it")
         if config.vocab_size % n:
-            problems.append(f"a vocabulary of {config.vocab_size}")
+            problems.append(f"a vocabulary of {config.vocab_size} does not divide by {n}")
         experts = config.moe.num_experts if config.moe else 1
         if self.expert_parallel and experts % n:
-            problems.append(f"{experts} experts (expert parallel)")
+            problems.append(f"{experts} experts do not divide by {n} (expert parallel)")
         if not self.expert_parallel and config.intermediate_size % n:
-            problems.append(f"an expert FFN size of {config.intermediate_size}")
+            problems.append(f"an FFN size of {config.intermediate_size} does not divide by {n}")
         if problems:
-            raise ValueError(f"this model cannot be split over {n} ranks: {', '.join(problems)} over {n}")
+            raise ValueError(f"this model cannot be split over {n} ranks: {'; '.join(problems)}")
 
     def _share(self, total: int) -> range:
         per = total // self.size
