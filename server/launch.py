@@ -189,10 +189,13 @@ def base_url(settings: ServerSettings) -> str:
 
 def announce(model: ServedModel, settings: ServerSettings, info: EngineInfo) -> None:
     """What was loaded, then the one line that says the server takes requests (/ready is 200)."""
+    kind = "expert" if settings.expert_parallel else "tensor"
+    ranks = settings.tensor_parallel_size
+    split = f" over {ranks} ranks ({kind} parallel)" if ranks > 1 else ""
     logger.info(
-        "loaded %s [%s] (%s, %s): weights %.2f GiB, KV cache %.2f GiB (%d tokens), "
+        "loaded %s [%s] (%s, %s)%s: weights %.2f GiB, KV cache %.2f GiB (%d tokens), "
         "context %d tokens, in %.1f s",
-        model.name, model.description, settings.device, settings.dtype or "checkpoint dtype",
+        model.name, model.description, settings.device, settings.dtype or "checkpoint dtype", split,
         info.weights_bytes / _GIB, info.kv_cache_bytes / _GIB, info.kv_tokens, info.max_model_len,
         info.load_seconds,
     )  # fmt: skip

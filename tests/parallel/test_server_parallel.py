@@ -86,6 +86,18 @@ def test_greedy_over_http_equals_one_rank_engine(hf_dir, tmp_path, ep):
     assert server.process.returncode == 0  # SIGTERM: a clean stop, workers and all
 
 
+def test_a_worker_that_dies_while_idle_stops_the_server(hf_dir, tmp_path):
+    server = tp_server(hf_dir, tmp_path / "server.log")
+    try:
+        (worker,) = workers_of(server)
+        os.kill(worker, signal.SIGKILL)
+        server.process.wait(10)  # the engine loop checks its ranks while idle, too
+        assert server.process.returncode not in (0, None)
+    finally:
+        stop_server(server)
+    assert "worker rank 1" in server.log.read_text() and "SIGKILL" in server.log.read_text()
+
+
 def _stream_until_cut(server: RunningServer, result: dict) -> None:
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 400, "ignore_eos": True, "stream": True}
     chunks = []
@@ -123,6 +135,7 @@ def test_worker_fault_mid_stream_is_fatal(hf_dir, tmp_path, fault):
         assert not client.is_alive()
         # Killed: rank 0's next collective fails at once. Stopped: it times out.
         bound = 5 if fault == "SIGKILL" else TIMEOUT_S + 5
+        print(f"{fault}: the stream ended {result['ended'] - struck:.2f} s after the signal")
         assert result["ended"] - struck < bound
         finish = [c["choices"][0].get("finish_reason") for c in result["chunks"]]
         assert "length" not in finish and "stop" not in finish  # it did not end as if whole
