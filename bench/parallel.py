@@ -97,9 +97,9 @@ def _mean_send_us(engine, params) -> float:  # type: ignore[no-untyped-def]
     recorded: list[float] = []
     send = engine.workers.send
 
-    def timed(chunks, rows):  # type: ignore[no-untyped-def]
+    def timed(*step):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
-        send(chunks, rows)
+        send(*step)
         recorded.append(time.perf_counter() - t)
 
     engine.workers.send = timed

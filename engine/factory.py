@@ -28,7 +28,7 @@ from engine.sampling_params import SamplingParams
 from engine.step_channel import capacity_words
 from engine.structured import GrammarCompiler
 from engine.structured.llguidance_backend import LLGuidanceBackend
-from engine.workers import FAILED_STOP_GRACE_S, WorkerGroup, rank_device, start_workers, threads_per_rank
+from engine.workers import WorkerGroup, rank_device, start_workers, threads_per_rank
 from model.batch import BatchBuilder, SequenceChunk
 from model.config import load_config, normalize_dtype_name
 from model.loader import ProgressFn, load_model
@@ -84,6 +84,8 @@ def build_engine(
     workers: WorkerGroup | None = None
     parallel = SINGLE
     if args.tensor_parallel_size > 1:
+        if probe is not None:  # it would size rank 0's pool alone, and its forward be rank 0's alone
+            raise ValueError("a memory probe sizes one rank's pool: not with tensor_parallel_size > 1")
         if not args.device.startswith("cuda"):
             torch.set_num_threads(threads_per_rank(args.tensor_parallel_size))
         workers, parallel = start_workers(model_dir, args, step_words(model_dir, args))
@@ -103,7 +105,7 @@ def build_engine(
         warm_up(engine, encoder)
     except BaseException:
         if workers is not None:
-            workers.close(FAILED_STOP_GRACE_S)
+            workers.close(failed=True)
         raise
     config = share.config
     info = EngineInfo(

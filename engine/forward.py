@@ -4,7 +4,7 @@ Rank 0's model runner and every worker rank run it on the same chunks and rows, 
 the collectives inside the model line up. It owns this rank's share of the paged KV pool and
 the preallocated batch buffers.
 
-Shape legend: T tokens in the step, R logits rows, V vocabulary, D hidden size.
+Shape legend: T tokens in the step, R logits rows, V vocabulary, D hidden size, S sequences.
 """
 
 from __future__ import annotations
@@ -48,22 +48,31 @@ class ForwardStep:
             self.graphs.capture()  # every rank captures the same sizes in the same order
 
     @torch.inference_mode()
-    def __call__(self, chunks: Sequence[SequenceChunk], rows: Sequence[int]) -> torch.Tensor | None:
-        """Run `chunks` (decodes first) and return the logits [R, V] fp32 of the flat token `rows`
-        (None when there are none). Under tensor parallelism, rank 0 gets them whole and the
-        other ranks their vocabulary share."""
+    def __call__(
+        self, chunks: Sequence[SequenceChunk], prompt_rows: Sequence[int], sample_rows: Sequence[int]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Run `chunks` (decodes first); the logits [R, V] fp32 of the flat token rows for prompt
+        logprobs, then of those sampled from (None for no rows). Two LM-head calls, so a
+        request's prompt logprobs leave the sampled rows' logits as they are without them.
+        Under tensor parallelism, rank 0 gets them whole and the other ranks their share."""
         batch = self.builder.build(chunks)
         if self.graphs is not None and self.graphs.can_run(batch.attn):
             hidden = self.graphs.run(batch.input_ids, batch.attn)  # [S, D]
         else:
             hidden = self.model(batch.input_ids, self.kv_cache, batch.attn)  # [T, D]
-        if not rows:
-            return None
-        if _each_last_token(chunks, rows):
-            index = batch.logits_indices  # the common case, already on the device
-        else:
-            index = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        return self.model.compute_logits(hidden.index_select(0, index))  # [R, V]
+        prompt = self._logits(hidden, prompt_rows) if prompt_rows else None
+        if not sample_rows:
+            return prompt, None
+        # The common case, each sequence's last token, is already on the device.
+        last = _each_last_token(chunks, sample_rows)
+        index = batch.logits_indices if last else self._index(sample_rows)
+        return prompt, self.model.compute_logits(hidden.index_select(0, index))
+
+    def _logits(self, hidden: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        return self.model.compute_logits(hidden.index_select(0, self._index(rows)))
+
+    def _index(self, rows: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
 
 
 def _each_last_token(chunks: Sequence[SequenceChunk], rows: Sequence[int]) -> bool:

@@ -32,7 +32,7 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.structured import CompiledGrammar, GrammarCompiler, InvalidStructuredOutput
-from engine.workers import FAILED_STOP_GRACE_S, STOP_GRACE_S, WorkerGroup
+from engine.workers import WorkerGroup
 from model.mixtral import MixtralModel
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Engine:
     def close(self, failed: bool = False) -> None:
         """Stop the worker ranks, if any (`failed`: the engine died, so do not wait long for them)."""
         if self.workers is not None:
-            self.workers.close(FAILED_STOP_GRACE_S if failed else STOP_GRACE_S)
+            self.workers.close(failed)
 
     @property
     def num_retried_steps(self) -> int:

@@ -91,27 +91,26 @@ class ModelRunner:
         seqs = [SequenceChunk(c.token_ids, c.num_computed, c.block_ids) for c in chunks]
         spans = _prompt_logprob_spans(chunks)
         starts = list(itertools.accumulate((len(c.token_ids) for c in chunks), initial=0))
-        rows = [starts[i] + r for i, first, last in spans for r in range(last - first)]
+        prompt_rows = [starts[i] + r for i, first, last in spans for r in range(last - first)]
         sampled = [c for c in chunks if c.sample]
-        rows += [starts[i + 1] - 1 for i, c in enumerate(chunks) if c.sample]
+        sample_rows = [starts[i + 1] - 1 for i, c in enumerate(chunks) if c.sample]
         if self.workers is not None:
-            self.workers.send(seqs, rows)
-        logits = self.forward(seqs, rows)  # [R, V] fp32
+            self.workers.send(seqs, prompt_rows, sample_rows)
+        prompt_logits, logits = self.forward(seqs, prompt_rows, sample_rows)  # [R, V] fp32 each
         result = RunnerOutput({}, {}, {})
         at = 0
         for i, first, last in spans:
-            assert logits is not None
+            assert prompt_logits is not None
             req = chunks[i].request
-            targets = req.prompt_token_ids[first + 1 : last + 1]
             k = req.params.prompt_logprobs
             assert k is not None
-            result.prompt_logprobs[req.request_id] = prompt_logprobs(
-                logits[at : at + last - first], targets, k
-            )
+            targets = req.prompt_token_ids[first + 1 : last + 1]
+            rows = prompt_logits[at : at + last - first]
+            result.prompt_logprobs[req.request_id] = prompt_logprobs(rows, targets, k)
             at += last - first
         if sampled:
             assert logits is not None
-            self._sample(sampled, logits[at:], result)
+            self._sample(sampled, logits, result)
         return result
 
     def _sample(self, chunks: Sequence[ScheduledChunk], logits: torch.Tensor, result: RunnerOutput) -> None:

@@ -20,7 +20,7 @@ from engine.config import EngineArgs
 from engine.factory import load_share
 from engine.forward import ForwardStep
 from engine.step_channel import Op, StepReader
-from engine.workers import join_group, threads_per_rank
+from engine.workers import die_with_parent, join_group, threads_per_rank
 
 logger = logging.getLogger("mixtral_worker")
 
@@ -31,17 +31,18 @@ def serve_steps(reader: StepReader, forward: ForwardStep) -> int:
         step = reader.receive()
         if step is None or step.op is Op.STOP:
             return 0
-        forward(step.chunks, step.rows)
+        forward(step.chunks, step.prompt_rows, step.sample_rows)
 
 
 def main() -> int:
     spec = json.loads(os.environ.pop("MIXTRAL_WORKER_SPEC"))
+    die_with_parent(spec["parent"])
     rank, size = spec["rank"], spec["size"]
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank {rank}: %(message)s")
     args = EngineArgs(**spec["args"])
     if not args.device.startswith("cuda"):
         torch.set_num_threads(threads_per_rank(size))
-    reader = StepReader(spec["steps"], spec["step_words"], spec["wake_fd"])
+    reader = StepReader(spec["steps"], spec["step_words"], size - 1, rank - 1, spec["wake_fd"])
     parallel, store = join_group(rank, size, spec["port"], args)
 
     def report_loaded(weights_bytes: int, load_rss_bytes: int) -> None:  # `WorkerGroup.wait_loaded`

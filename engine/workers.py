@@ -10,7 +10,8 @@ timeout. The collectives then run on one process group (NCCL on GPUs, gloo on CP
 timeout is `collective_timeout_s`: a rank that stops answering mid-step is a `RankFailure`
 within it, not a hang. A worker that exits is noticed by a watcher thread, and the engine
 checks it before each step. Workers die with rank 0 (PR_SET_PDEATHSIG) and exit when told to
-stop or when its pipe closes, so no process is left behind.
+stop or when its pipe closes, and the step buffer's file is unlinked once they have mapped it,
+so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 # Starting and loading: how long rank 0 waits for every worker to join, and then to load its share.
 STARTUP_TIMEOUT_S = 1800.0
 _POLL_S = 0.05
+GO_KEY = "loaded/all"  # set by rank 0 once every rank has its weights
 # How long workers get to exit when told to stop: after a clean shutdown, and after a failure
 # (when a worker may be hung in a collective that will never complete).
 STOP_GRACE_S = 10.0
@@ -99,7 +101,7 @@ class RankMemory:
 
 
 class WorkerGroup:
-    """Ranks 1..N-1, seen from rank 0: started by `start`, handed steps by `send`."""
+    """Ranks 1..N-1, seen from rank 0: started by `start_workers`, handed steps by `send`."""
 
     def __init__(self, model_dir: Path, args: EngineArgs, step_words: int) -> None:
         self.size = args.tensor_parallel_size
@@ -117,27 +119,31 @@ class WorkerGroup:
         self.failure: str | None = None
         self.shares: list[RankMemory] = []  # by rank, once loaded
         self._closing = False
-        spec = {
+        self._spec = {
             "model_dir": str(model_dir),
             "args": dataclasses.asdict(args),
             "size": self.size,
             "port": self._store_port,
             "steps": str(self._writer.path),
-            "step_words": step_words,
+            "step_words": self._writer.words,
+            "parent": os.getpid(),
         }
         self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self) -> None:
+        """Start the worker processes (`python -m engine.worker`), each watched by a thread."""
         for rank, fd in enumerate(self._writer.read_fds, start=1):
-            env = os.environ | {"MIXTRAL_WORKER_SPEC": json.dumps(spec | {"rank": rank, "wake_fd": fd})}
+            spec = self._spec | {"rank": rank, "wake_fd": fd}
             proc = subprocess.Popen(
                 [sys.executable, "-m", "engine.worker"],
-                env=env,
+                env=os.environ | {"MIXTRAL_WORKER_SPEC": json.dumps(spec)},
                 pass_fds=(fd,),
-                preexec_fn=_die_with(os.getpid()),
             )
             self.procs.append(proc)
-            threading.Thread(
-                target=self._watch, args=(rank, proc), name=f"watch-rank-{rank}", daemon=True
-            ).start()
+            watcher = threading.Thread(
+                target=self._watch, args=(rank, proc), name=f"rank-{rank}", daemon=True
+            )
+            watcher.start()
         for fd in self._writer.read_fds:  # the workers hold them now
             os.close(fd)
         self._writer.read_fds = []
@@ -145,16 +151,20 @@ class WorkerGroup:
     def join(self) -> Parallel:
         """Wait until every worker has joined the store, then form the group with them."""
         self._wait_for("joined", "start")
+        self._writer.unlink()  # every worker has mapped the step buffer before joining
         parallel, _ = join_group(0, self.size, self._store_port, self._args, self._store)
         return parallel
 
     def wait_loaded(self, weights_bytes: int, load_rss_bytes: int) -> None:
         """Wait until every worker has loaded its share of the weights (rank 0, which has loaded
-        its own, passes what it holds), then keep what each rank reported (`shares`)."""
+        its own, passes what it holds), keep what each rank reported (`shares`), and let them all
+        go on together: the collectives that follow have only `collective_timeout_s`, and ranks
+        can finish loading minutes apart."""
         self._wait_for("loaded", "load its share of the weights")
         reports = [json.loads(self._store.get(f"loaded/{rank}")) for rank in range(1, self.size)]
         ours = {"weights_bytes": weights_bytes, "load_rss_bytes": load_rss_bytes}
         self.shares = [RankMemory(**r) for r in [ours, *reports]]
+        self._store.set(GO_KEY, "1")
 
     def _wait_for(self, key: str, what: str) -> None:
         keys = [f"{key}/{rank}" for rank in range(1, self.size)]
@@ -165,13 +175,17 @@ class WorkerGroup:
                 raise RankFailure(f"the worker ranks did not {what} within {STARTUP_TIMEOUT_S:g} s")
             time.sleep(_POLL_S)
 
-    def send(self, chunks: Sequence[SequenceChunk], rows: Sequence[int]) -> None:
-        """Hand a step to every worker; `RankFailure` if one has gone."""
+    def send(
+        self, chunks: Sequence[SequenceChunk], prompt_rows: Sequence[int], sample_rows: Sequence[int]
+    ) -> None:
+        """Hand a step to every worker; `RankFailure` if one has gone or stopped reading."""
         self.check()
         try:
-            self._writer.send(chunks, rows)
+            self._writer.send(chunks, prompt_rows, sample_rows, self._args.collective_timeout_s)
         except BrokenPipeError as exc:
             raise RankFailure("a worker rank is gone (its step pipe is closed)") from exc
+        except TimeoutError as exc:
+            raise RankFailure(str(exc)) from exc
 
     def check(self) -> None:
         """Raise `RankFailure` once a worker has exited."""
@@ -185,11 +199,13 @@ class WorkerGroup:
             self.failure = f"worker rank {rank} (pid {proc.pid}) {how}"
             logger.error("%s: the engine cannot go on", self.failure)
 
-    def close(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Stop the workers (killing any that have not exited within `grace_s`) and leave the group."""
+    def close(self, failed: bool = False) -> None:
+        """Stop the workers, killing any that have not exited within a grace period (short after
+        a failure, when one may be stuck in a collective that will never complete), and leave
+        the group (not after a failure: destroying it could wait on those collectives)."""
         self._closing = True
         self._writer.stop()
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + (FAILED_STOP_GRACE_S if failed else STOP_GRACE_S)
         for proc in self.procs:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
@@ -198,33 +214,31 @@ class WorkerGroup:
                 proc.kill()
                 proc.wait()
         self._writer.close()
-        if dist.is_initialized():
+        if dist.is_initialized() and not failed:
             dist.destroy_process_group()
 
 
 def start_workers(model_dir: Path, args: EngineArgs, step_words: int) -> tuple[WorkerGroup, Parallel]:
-    """Start ranks 1..N-1 and join them as rank 0 (closing them again if joining fails)."""
+    """Start ranks 1..N-1 and join them as rank 0 (stopping them again if that fails)."""
     group = WorkerGroup(model_dir, args, step_words)
     try:
+        group.spawn()
         return group, group.join()
     except BaseException:
-        group.close(FAILED_STOP_GRACE_S)
+        group.close(failed=True)
         raise
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker, first thing: SIGKILL it when the thread that started it (rank 0's engine)
+    ends, and exit now if that parent is already gone. (Set here rather than between fork and
+    exec, which is not safe in a process with threads.)"""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        raise SystemExit(f"rank 0 (pid {parent}) is gone")
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with(parent: int) -> Callable[[], None]:
-    """For the child before exec: SIGKILL it when the thread that started it (rank 0's engine)
-    ends, or now if the parent is already gone."""
-
-    def arm() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return arm

@@ -7,7 +7,7 @@ the host by a `PrefillSpan`, because its query length decides its attention shap
 
 Every device tensor in `AttentionMetadata` is a view into a buffer allocated once by
 `BatchBuilder`, filled in place each step: no allocation, and on CUDA one host-to-device copy
-per buffer.
+per buffer (from pinned host buffers, which the next build refills only once those copies ran).
 
 Shape legend: T tokens in the batch, S sequences, M block-table width (max blocks per sequence).
 """
@@ -101,6 +101,7 @@ class BatchBuilder:
         }
         self._host = {k: torch.zeros(s, dtype=torch.int64, pin_memory=pin) for k, s in shapes.items()}
         self._np = {k: t.numpy() for k, t in self._host.items()}
+        self._copied: torch.cuda.Event | None = None  # the last upload's copies, on the device
         if self.device.type == "cpu":
             self._dev = self._host
         else:
@@ -111,6 +112,12 @@ class BatchBuilder:
         num_seqs = len(chunks)
         num_tokens = sum(len(c.token_ids) for c in chunks)
         self._check_capacity(chunks, num_tokens)
+        if self._copied is not None:
+            # The previous step's copies read these pinned host buffers asynchronously: they must
+            # have run before the buffers are refilled. A step that samples waits for the device
+            # anyway; one that does not (a prefill chunk short of the prompt's end, or any step on
+            # a worker rank) would otherwise run on the next step's metadata.
+            self._copied.synchronize()
         h = self._np
         bs = self.block_size
         prefills: list[PrefillSpan] = []
@@ -182,4 +189,7 @@ class BatchBuilder:
         }
         for key, n in used.items():
             self._dev[key][:n].copy_(self._host[key][:n], non_blocking=True)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
         return self._dev

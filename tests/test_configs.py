@@ -48,7 +48,9 @@ def test_tp2_config_fits_two_h100_and_bf16_does_not_fit_one():
     check_fits(plan, s.device, torch.bfloat16)  # per rank: half the weights, half the kv heads
     assert plan.weights_bytes < 0.55 * plan_memory(MIXTRAL_8X7B, torch.bfloat16, 1, 0, H100).weights_bytes
     with pytest.raises(InsufficientMemoryError, match="tensor_parallel_size: 2"):
-        check_fits(plan_memory(MIXTRAL_8X7B, torch.bfloat16, s.max_model_len, kv, H100), s.device, torch.bfloat16)
+        check_fits(
+            plan_memory(MIXTRAL_8X7B, torch.bfloat16, s.max_model_len, kv, H100), s.device, torch.bfloat16
+        )
 
 
 def test_quantization_and_kernel_flags():

@@ -54,10 +54,10 @@ def logits_and_tokens(built):
     seen = []
     forward = built.runner.forward
 
-    def recording(chunks, rows):
-        out = forward(chunks, rows)
-        seen.append(out.clone())
-        return out
+    def recording(chunks, prompt_rows, sample_rows):
+        prompt, sampled = forward(chunks, prompt_rows, sample_rows)
+        seen.append(torch.cat([t for t in (prompt, sampled) if t is not None]).clone())
+        return prompt, sampled
 
     built.runner.forward = recording
     try:
