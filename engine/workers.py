@@ -8,10 +8,12 @@ Joining goes through torch.distributed's TCP store on 127.0.0.1, polled by rank 
 worker that dies while starting or loading is seen at once instead of after a rendezvous
 timeout. The collectives then run on one process group (NCCL on GPUs, gloo on CPU) whose
 timeout is `collective_timeout_s`: a rank that stops answering mid-step is a `RankFailure`
-within it, not a hang. A worker that exits is noticed by a watcher thread, and the engine
-checks it before each step. Workers die with rank 0 (PR_SET_PDEATHSIG) and exit when told to
-stop or when its pipe closes, and the step buffer's file is unlinked once they have mapped it,
-so nothing is left behind.
+within it, not a hang. (On NCCL the collectives run on the device, and PyTorch's NCCL watchdog
+handles a timeout by tearing the process down, TORCH_NCCL_ASYNC_ERROR_HANDLING's default: the
+server still exits non-zero, without the dead-engine answers first.) A worker that exits is
+noticed by a watcher thread, and the engine checks it before each step. Workers die with rank 0
+(PR_SET_PDEATHSIG) and exit when told to stop or when its pipe closes, and the step buffer's
+file is unlinked once they have mapped it, so nothing is left behind.
 """
 
 from __future__ import annotations
