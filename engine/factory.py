@@ -62,7 +62,7 @@ class RankShare:
     config: EngineConfig
     weights_bytes: int  # this rank's parameters, as loaded
     kv_cache_bytes: int  # this rank's KV pool
-    load_rss_bytes: int  # how much this process's resident memory grew while the weights loaded
+    load_rss_bytes: int  # how much this process's own resident memory (RssAnon) grew while loading
 
 
 def build_engine(
@@ -166,10 +166,11 @@ def load_share(
 
 
 def resident_bytes() -> int:
-    """This process's resident memory (VmRSS)."""
+    """This process's own resident memory: RSS less its file-backed pages (RssAnon), so that
+    library code first touched while loading, and the checkpoint's mapped pages, do not count."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     return 0
 
