@@ -28,7 +28,7 @@ from model.checkpoint_layouts import (
 from model.config import ModelConfig, load_config, normalize_dtype_name
 from model.mixtral import MixtralModel
 from model.parallel import SINGLE, Parallel
-from model.quant import WeightQuant, quantize_rows, resolve_quant
+from model.quant import QuantLinear, WeightQuant, quantize_rows, resolve_quant
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def load_model(
     """Load a checkpoint (any supported layout) onto `device` in `dtype` (default: the checkpoint's).
 
     With `quantization` ('int8', 'fp8' or '8bit', see `model.quant`) the experts are quantized
-    tensor by tensor as they stream from the file: only their 8-bit form is ever allocated.
+    tensor by tensor as they stream from the file: only their 8-bit form is ever allocated. int8
+    on a CPU quantizes attention's projections and the LM head too, once loaded.
     With a `Parallel` of several ranks, this rank's share (`model.parallel`): only its slices
     are read and allocated.
     """
@@ -160,7 +161,10 @@ def load_model(
         layout = detect_layout(ckpt.layout_family, present, config)
         check_names(layout_names(config, layout), present, optional_names(config, layout))
         _fill(model, reader, layout_names(config, layout, parallel), progress, scheme)
-    quant = "" if scheme is WeightQuant.NONE else f" with {scheme.value} experts"
+    if scheme is WeightQuant.INT8 and torch.device(device).type == "cpu":
+        model.quantize_linears_(scheme)  # the CPU's int8 kernel serves every linear layer
+    quantized = "linear layers" if isinstance(model.lm_head, QuantLinear) else "experts"
+    quant = "" if scheme is WeightQuant.NONE else f" with {scheme.value} {quantized}"
     share = f" (rank {parallel.rank} of {parallel.size})" if parallel.size > 1 else ""
     logger.info(
         "loaded %s (%s layout) as %s%s on %s%s", path, layout.value, torch_dtype, quant, device, share

@@ -19,7 +19,7 @@ from model.config import ModelConfig
 from model.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from model.moe import FeedForward
 from model.parallel import SINGLE, Parallel
-from model.quant import WeightQuant
+from model.quant import QuantLinear, WeightQuant
 from model.torch_backend.kernels import TORCH_KERNELS
 from model.torch_backend.packed import PackedLinear, packing_supported
 
@@ -160,6 +160,15 @@ class MixtralModel(nn.Module):
         for layer in self.layers:
             layer.ffn.quantize_(scheme)
 
+    @torch.no_grad()
+    def quantize_linears_(self, scheme: WeightQuant) -> None:
+        """Store attention's projections and the LM head in 8 bits too (`QuantLinear`), one matrix
+        at a time; with 8-bit experts, every linear layer but the router is then 8-bit."""
+        for layer in self.layers:
+            layer.attn.qkv_proj = QuantLinear(layer.attn.qkv_proj.weight, scheme)
+            layer.attn.o_proj = QuantLinear(layer.attn.o_proj.weight, scheme)
+        self.lm_head = QuantLinear(self.lm_head.weight, scheme)  # a tied embedding stays 16-bit
+
     def pack_for_cpu(self) -> bool:
         """Prepack every GEMM weight for oneDNN (see `model.torch_backend.packed`); one-way, CPU only.
 
@@ -170,10 +179,10 @@ class MixtralModel(nn.Module):
             return False
         with torch.no_grad():
             for layer in self.layers:
-                layer.attn.qkv_proj = PackedLinear(layer.attn.qkv_proj.weight)
-                layer.attn.o_proj = PackedLinear(layer.attn.o_proj.weight)
+                layer.attn.qkv_proj = _packed(layer.attn.qkv_proj)
+                layer.attn.o_proj = _packed(layer.attn.o_proj)
                 layer.ffn.pack_for_cpu()
-            self.lm_head = PackedLinear(self.lm_head.weight)
+            self.lm_head = _packed(self.lm_head)
         return True
 
     @property
@@ -188,6 +197,11 @@ class MixtralModel(nn.Module):
         logits = self.lm_head(hidden).float()
         gathered = self.parallel.gather_vocab(logits)
         return logits if gathered is None else gathered
+
+
+def _packed(linear: nn.Module) -> nn.Module:
+    """A 16-bit `nn.Linear` prepacked for oneDNN; an 8-bit `QuantLinear` stays as it is."""
+    return PackedLinear(linear.weight) if isinstance(linear, nn.Linear) else linear
 
 
 def allocate_kv_cache(

@@ -85,5 +85,30 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def quantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (q * scale)^T [K, N] on the torch path: upcast q, GEMM, then scale the columns."""
+    """x [M, K] @ (q * scale)^T [K, N] on the torch path.
+
+    int8 on a CPU: torch's weight-only int8 kernel (`_weight_int8pack_mm`, AVX-512; bf16, fp16 or
+    fp32 activations), which reads the 8-bit weight as it is. Elsewhere: upcast q, GEMM, then
+    scale the columns (fp8 on a CPU, and the reference the kernels are checked against).
+    """
+    if x.device.type == "cpu" and q.dtype == torch.int8 and x.dtype in _INT8_MM_DTYPES:
+        return torch._weight_int8pack_mm(x, q, scale.to(x.dtype))
     return (torch.nn.functional.linear(x, q.to(x.dtype)).float() * scale).to(x.dtype)
+
+
+_INT8_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class QuantLinear(torch.nn.Module):
+    """A bias-free linear layer stored in 8 bits with one fp32 scale per output row (int8 on a
+    CPU: attention and the LM head, beside the experts)."""
+
+    def __init__(self, weight: torch.Tensor, scheme: WeightQuant) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_rows(weight, scheme)
+        self.weight = torch.nn.Parameter(q, requires_grad=False)
+        self.scale = torch.nn.Parameter(scale, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N]
+        return quantized_linear(x, self.weight, self.scale)

@@ -63,6 +63,7 @@ def test_quantized_moe_error_is_small_against_16_bit(scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.value)
 def test_loader_quantizes_experts_as_they_stream(hf_dir, scheme):
+    """Experts quantized as they stream from the file (and, int8 on a CPU, attention once loaded)."""
     full = load_model(hf_dir, dtype="float32")
     steps = []
     model = load_model(
@@ -73,16 +74,19 @@ def test_loader_quantizes_experts_as_they_stream(hf_dir, scheme):
         ffn = layer.ffn
         assert ffn.w13.dtype == ffn.w2.dtype == scheme.dtype
         assert ffn.w13_scale.dtype == torch.float32 and ffn.w13_scale.shape == ffn.w13.shape[:2]
-        assert layer.attn.qkv_proj.weight.dtype == torch.float32  # only experts are quantized
+        # int8 on a CPU: attention too (the CPU's int8 kernel); fp8 there: the experts only.
+        attention = torch.int8 if scheme is WeightQuant.INT8 else torch.float32
+        assert layer.attn.qkv_proj.weight.dtype == attention
         for q, scale, w in ((ffn.w13, ffn.w13_scale, ref.ffn.w13), (ffn.w2, ffn.w2_scale, ref.ffn.w2)):
             expected_q, expected_scale = quantize_rows(w, scheme)  # each row as if quantized alone
             assert torch.equal(q.float(), expected_q.float()) and torch.equal(scale, expected_scale)
     expert_bytes = sum(layer.ffn.w13.numel() + layer.ffn.w2.numel() for layer in model.layers)
     full_expert_bytes = sum(4 * (layer.ffn.w13.numel() + layer.ffn.w2.numel()) for layer in full.layers)
     assert expert_bytes * 4 == full_expert_bytes
-    # Through 2 layers of the peaky fixture the logits move by a few percent (measured, worst prompt: int8
-    # 1.6%, fp8 6.6%), not more.
-    bound = 0.03 if scheme is WeightQuant.INT8 else 0.08
+    # Through 2 layers of the peaky fixture the logits move by a few percent, not more (measured,
+    # worst prompt: int8 6.0%, with attention and the LM head in 8 bits too on a CPU, 1.6% with the
+    # experts alone; fp8 6.6%). On real weights int8 moves perplexity by 0.55% (test_int8_cpu.py).
+    bound = 0.08
     logits_q = PagedHarness(model, block_size=6).prefill(PROMPTS)
     logits_f = PagedHarness(full, block_size=6).prefill(PROMPTS)
     for a, b in zip(logits_q, logits_f, strict=True):
