@@ -32,7 +32,7 @@ PHASES = {
     "model forward": ("model", "forward"),
     "logits (lm_head)": ("model", "compute_logits"),
     "sampler": ("runner", "sampler"),
-    "detokenize + outputs": ("engine", "_postprocess"),
+    "detokenize + outputs": ("outputs", "process"),
 }
 
 
@@ -53,8 +53,8 @@ def build_engine(path: Path, batch: int) -> Engine:
 
 def time_phases(engine: Engine, steps: int) -> tuple[float, dict[str, float]]:
     owners = {
-        "scheduler": engine.scheduler, "builder": engine.runner.builder, "model": engine.runner.model,
-        "runner": engine.runner, "engine": engine,
+        "scheduler": engine.scheduler, "builder": engine.runner.forward.builder, "model": engine.runner.model,
+        "runner": engine.runner, "outputs": engine.output_processor,
     }  # fmt: skip
     spent: dict[str, float] = collections.defaultdict(float)
     for label, (owner, name) in PHASES.items():
