@@ -3,7 +3,10 @@
     python -m bench.profile_step --batch 1
 
 Prints the wall time per step split into scheduler, batch building, model forward, logits,
-sampling and post-processing, then the torch operators that take the most CPU time.
+sampling and post-processing; then the step against its memory ceiling: the bytes it must read
+(attention and router weights, the experts its tokens were routed to, the LM head, the KV of
+its contexts; `bench.gpu_check.step_bytes`) over the copy bandwidth measured here (read +
+write of a 1 GiB buffer); then the torch operators that take the most CPU time.
 """
 
 from __future__ import annotations
@@ -74,6 +77,39 @@ def time_phases(engine: Engine, steps: int) -> tuple[float, dict[str, float]]:
     return (time.perf_counter() - start) / steps, {k: v / steps for k, v in spent.items()}
 
 
+def copy_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second moved by a 1 GiB CPU copy (read + write), the best of `repeats`."""
+    src = torch.ones(1 << 30, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() / best
+
+
+def step_read_bytes(engine: Engine) -> int:
+    """What the next decode step must read: its chunks, captured, then measured by gpu_check's rule."""
+    from bench.gpu_check import step_bytes  # its model-only helpers (it imports triton, present here)
+
+    forward = engine.runner.forward
+    captured = []
+
+    def capture(chunks, prompt_rows, sample_rows):  # type: ignore[no-untyped-def]
+        captured.append(list(chunks))
+        return forward(chunks, prompt_rows, sample_rows)
+
+    engine.runner.forward = capture
+    engine.step()
+    engine.runner.forward = forward
+    chunks = captured[0]
+    batch = forward.builder.build(chunks)
+    kv_tokens = sum(c.num_computed + len(c.token_ids) for c in chunks)
+    with torch.inference_mode():  # recomputes the same tokens: the same KV is written again
+        return step_bytes(engine.runner.model, batch.input_ids, forward.kv_cache, batch.attn, kv_tokens, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
@@ -86,12 +122,21 @@ def main() -> None:
         with profile() as prof:
             for _ in range(10):
                 engine.step()
+        nbytes = step_read_bytes(engine)
         step, phases = time_phases(engine, args.steps)
+        bandwidth = copy_bandwidth()
     print(f"# decode step at batch {args.batch}: {step * 1e3:.2f} ms ({args.batch / step:.0f} tok/s)")
     print("\n| phase | ms per step |\n|---|---:|")
     for label, seconds in phases.items():
         print(f"| {label} | {seconds * 1e3:.2f} |")
     print(f"| (rest: Python between phases) | {(step - sum(phases.values())) * 1e3:.2f} |")
+    ceiling = nbytes / bandwidth
+    print("\n| batch | bytes a step reads | copy bandwidth | ceiling step | measured step | of the ceiling |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {args.batch} | {nbytes / 1e6:.1f} MB | {bandwidth / 1e9:.1f} GB/s | {ceiling * 1e3:.2f} ms | "
+        f"{step * 1e3:.2f} ms | {ceiling / step:.0%} |"
+    )
     print("\nTop operators (torch profiler, 10 steps; profiler overhead inflates small ops):\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
