@@ -28,10 +28,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 from bench import serve
 
@@ -98,18 +95,8 @@ def start_llama_server(binary: Path, gguf: Path, levels: list[int], opts: argpar
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url, cmd
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"llama-server not ready in 300 s:\n{log.read_text()[-3000:]}")
+    serve.wait_until_up(proc, f"{url}/health", log, "llama-server")
+    return proc, url, cmd
 
 
 def run_system(name: str, start, opts: argparse.Namespace, levels: list[int]) -> list[serve.RunResult]:

@@ -296,18 +296,24 @@ def start_server(checkpoint: Path, levels: list[int], opts: argparse.Namespace, 
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    wait_until_up(proc, f"{url}/ready", log, "server")
+    return proc, url, cmd
+
+
+def wait_until_up(proc: subprocess.Popen, probe: str, log: Path, name: str, timeout: float = 300) -> None:
+    """Until `probe` answers 200; SystemExit with the log's tail if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise SystemExit(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url, cmd
+            if httpx.get(probe, timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"server not ready in 300 s:\n{log.read_text()[-3000:]}")
+    raise SystemExit(f"{name} not ready in {timeout:g} s:\n{log.read_text()[-3000:]}")
 
 
 def peak_rss_mib(pid: int) -> float | None:
