@@ -20,7 +20,7 @@ from engine.config import EngineArgs
 from engine.factory import load_share
 from engine.forward import ForwardStep
 from engine.step_channel import Op, StepReader
-from engine.workers import die_with_parent, join_group, threads_per_rank
+from engine.workers import GO_KEY, die_with_parent, join_group, threads_per_rank
 
 logger = logging.getLogger("mixtral_worker")
 
@@ -46,9 +46,9 @@ def main() -> int:
     parallel, store = join_group(rank, size, spec["port"], args)
 
     def report_loaded(weights_bytes: int, load_rss_bytes: int) -> None:  # `WorkerGroup.wait_loaded`
-        store.set(
-            f"loaded/{rank}", json.dumps({"weights_bytes": weights_bytes, "load_rss_bytes": load_rss_bytes})
-        )
+        report = {"weights_bytes": weights_bytes, "load_rss_bytes": load_rss_bytes}
+        store.set(f"loaded/{rank}", json.dumps(report))
+        store.wait([GO_KEY])  # until every rank has loaded: the collectives that follow may begin
 
     share = load_share(Path(spec["model_dir"]), args, parallel, loaded=report_loaded)
     forward = ForwardStep(share.model, share.config)
