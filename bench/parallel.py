@@ -27,6 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.serve import free_port
+
 PROMPT_LEN = 64
 OUTPUT_LEN = 64
 SERIAL_REQUESTS = 4
@@ -157,7 +159,7 @@ def _all_reduce_latency_us(rounds: int = 2000) -> float:
 
     ctx = tmp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_reduce_loop, args=(r, port, rounds, queue)) for r in range(2)]
     for p in procs:
         p.start()
@@ -181,15 +183,3 @@ def _reduce_loop(rank: int, port: int, rounds: int, queue) -> None:  # type: ign
     if rank == 0:
         queue.put(1e6 * (time.perf_counter() - t) / rounds)
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-if __name__ == "__main__":
-    main()

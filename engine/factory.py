@@ -28,7 +28,7 @@ from engine.sampling_params import SamplingParams
 from engine.step_channel import capacity_words
 from engine.structured import GrammarCompiler
 from engine.structured.llguidance_backend import LLGuidanceBackend
-from engine.workers import WorkerGroup, rank_device, start_workers, threads_per_rank
+from engine.workers import RankMemory, WorkerGroup, rank_device, start_workers, threads_per_rank
 from model.batch import BatchBuilder, SequenceChunk
 from model.config import load_config, normalize_dtype_name
 from model.loader import ProgressFn, load_model
@@ -60,9 +60,8 @@ class RankShare:
 
     model: MixtralModel
     config: EngineConfig
-    weights_bytes: int  # this rank's parameters, as loaded
+    memory: RankMemory  # this rank's parameters, and what loading them cost its process
     kv_cache_bytes: int  # this rank's KV pool
-    load_rss_bytes: int  # how much this process's own resident memory (RssAnon) grew while loading
 
 
 def build_engine(
@@ -109,7 +108,7 @@ def build_engine(
         raise
     config = share.config
     info = EngineInfo(
-        share.weights_bytes * parallel.size,
+        share.memory.weights_bytes * parallel.size,
         share.kv_cache_bytes * parallel.size,
         config.kv_capacity_tokens,
         config.max_model_len,
@@ -124,11 +123,11 @@ def load_share(
     parallel: Parallel,
     progress: ProgressFn | None = None,
     probe: MemoryProbe | None = None,
-    loaded: Callable[[int, int], None] | None = None,
+    loaded: Callable[[RankMemory], None] | None = None,
 ) -> RankShare:
     """Load this rank's share of the model and size its KV pool; every rank calls it in step.
 
-    `loaded(weights_bytes, load_rss_bytes)` runs once the weights are in: rank 0 waits there
+    `loaded(memory)` runs once the weights are in: rank 0 waits there
     for the workers' loads, and a worker says it is done and what it holds. The collectives that
     size the pool come after it: all ranks take the fewest blocks any of them has room for, so
     the block tables are the same everywhere.
@@ -140,10 +139,10 @@ def load_share(
     model = load_model(
         model_dir, args.dtype, device, args.max_model_len, progress, args.quantization, parallel
     )
-    load_rss = resident_bytes() - rss_before
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # before CPU packing
+    memory = RankMemory(weights, resident_bytes() - rss_before)
     if loaded is not None:
-        loaded(weights, load_rss)
+        loaded(memory)
     kv_bytes = kv_cache_budget(model, args, probe)
     dtype = model.embed_tokens.weight.dtype
     per_block = kv_cache_bytes_per_token(model.config, dtype, parallel) * args.block_size
@@ -162,7 +161,7 @@ def load_share(
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         max_queue_time_s=args.max_queue_time_s,
     )
-    return RankShare(model, config, weights, num_blocks * per_block, load_rss)
+    return RankShare(model, config, memory, num_blocks * per_block)
 
 
 def resident_bytes() -> int:

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from model.config import ModelConfig
+from model.mixtral import kv_cache_bytes_per_token
 from model.parallel import SINGLE, Parallel
 from model.quant import WeightQuant
 
@@ -59,8 +60,7 @@ def plan_memory(
     """What one rank needs: its 1/N of the weights (the router and norms, whole on every rank,
     are noise next to that) and its kv heads' share of the cache."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    kv_heads = len(parallel.kv_heads(config.num_kv_heads))
-    per_token = config.num_layers * 2 * kv_heads * config.head_dim * itemsize
+    per_token = kv_cache_bytes_per_token(config, dtype, parallel)
     weights = config.num_parameters() * itemsize
     if quant is not WeightQuant.NONE:  # experts at 1 byte per weight plus an fp32 scale per row
         experts = config.num_expert_parameters()

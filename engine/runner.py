@@ -28,7 +28,6 @@ from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.structured import GrammarBitmask
 from engine.workers import WorkerGroup
 from model.batch import SequenceChunk
-from model.cuda_graphs import DecodeGraphs
 from model.mixtral import MixtralModel
 
 GrammarMasks = Callable[[Sequence[str]], GrammarBitmask | None]
@@ -51,13 +50,8 @@ class ModelRunner:
         self.workers = workers
         self.forward = ForwardStep(model, config)
         self.device = self.forward.device
-        self.kv_cache = self.forward.kv_cache
         self.sampler = Sampler(model.config.vocab_size, torch.Generator(device=self.device).manual_seed(seed))
         self._generators: dict[str, torch.Generator] = {}
-
-    @property
-    def graphs(self) -> DecodeGraphs | None:
-        return self.forward.graphs
 
     def release(self, request_id: str) -> None:
         """Forget per-request state of a finished request."""

@@ -124,10 +124,8 @@ class StepWriter:
 
     def _wait_for_acks(self, timeout_s: float) -> None:
         """Until every worker has read the last step (at once on gloo; see the module's notes)."""
-        if self._acks.size == 0 or int(self._acks.min()) >= self._number:
-            return
         deadline = time.monotonic() + timeout_s
-        while int(self._acks.min()) < self._number:
+        while self._acks.min(initial=self._number) < self._number:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"a worker did not read step {self._number} within {timeout_s:g} s")
             time.sleep(_ACK_POLL_S)

@@ -9,6 +9,7 @@ MIXTRAL_WORKER_SPEC environment variable, as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from engine.config import EngineArgs
 from engine.factory import load_share
 from engine.forward import ForwardStep
 from engine.step_channel import Op, StepReader
-from engine.workers import GO_KEY, die_with_parent, join_group, threads_per_rank
+from engine.workers import GO_KEY, RankMemory, die_with_parent, join_group, threads_per_rank
 
 logger = logging.getLogger("mixtral_worker")
 
@@ -45,9 +46,8 @@ def main() -> int:
     reader = StepReader(spec["steps"], spec["step_words"], size - 1, rank - 1, spec["wake_fd"])
     parallel, store = join_group(rank, size, spec["port"], args)
 
-    def report_loaded(weights_bytes: int, load_rss_bytes: int) -> None:  # `WorkerGroup.wait_loaded`
-        report = {"weights_bytes": weights_bytes, "load_rss_bytes": load_rss_bytes}
-        store.set(f"loaded/{rank}", json.dumps(report))
+    def report_loaded(memory: RankMemory) -> None:  # read by `WorkerGroup.wait_loaded`
+        store.set(f"loaded/{rank}", json.dumps(dataclasses.asdict(memory)))
         store.wait([GO_KEY])  # until every rank has loaded: the collectives that follow may begin
 
     share = load_share(Path(spec["model_dir"]), args, parallel, loaded=report_loaded)

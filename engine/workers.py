@@ -99,7 +99,7 @@ class RankMemory:
     """What one rank reported once its weights were in, counted in that rank's process."""
 
     weights_bytes: int  # its parameters
-    load_rss_bytes: int  # how much its resident memory grew while they loaded
+    load_rss_bytes: int  # how much its own resident memory (RssAnon) grew while they loaded
 
 
 class WorkerGroup:
@@ -157,15 +157,14 @@ class WorkerGroup:
         parallel, _ = join_group(0, self.size, self._store_port, self._args, self._store)
         return parallel
 
-    def wait_loaded(self, weights_bytes: int, load_rss_bytes: int) -> None:
+    def wait_loaded(self, ours: RankMemory) -> None:
         """Wait until every worker has loaded its share of the weights (rank 0, which has loaded
         its own, passes what it holds), keep what each rank reported (`shares`), and let them all
         go on together: the collectives that follow have only `collective_timeout_s`, and ranks
         can finish loading minutes apart."""
         self._wait_for("loaded", "load its share of the weights")
         reports = [json.loads(self._store.get(f"loaded/{rank}")) for rank in range(1, self.size)]
-        ours = {"weights_bytes": weights_bytes, "load_rss_bytes": load_rss_bytes}
-        self.shares = [RankMemory(**r) for r in [ours, *reports]]
+        self.shares = [ours, *(RankMemory(**r) for r in reports)]
         self._store.set(GO_KEY, "1")
 
     def _wait_for(self, key: str, what: str) -> None:

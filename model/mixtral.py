@@ -185,18 +185,11 @@ class MixtralModel(nn.Module):
             self.lm_head = _packed(self.lm_head)
         return True
 
-    @property
-    def num_kv_heads(self) -> int:
-        """The kv heads this rank's KV cache holds."""
-        return self.layers[0].attn.num_kv_heads
-
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, D] -> [S, V] fp32
         """The logits of `hidden`'s rows. Under tensor parallelism every rank calls it (a
         collective); rank 0 gets all [S, V], the other ranks their own vocabulary share [S, V/N]."""
-        logits = self.lm_head(hidden).float()
-        gathered = self.parallel.gather_vocab(logits)
-        return logits if gathered is None else gathered
+        return self.parallel.gather_vocab(self.lm_head(hidden).float())
 
 
 def _packed(linear: nn.Module) -> nn.Module:

@@ -93,14 +93,15 @@ class Parallel:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def gather_vocab(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Every rank's vocabulary share [S, V/N] as one [S, V] on rank 0; None on the others."""
+    def gather_vocab(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's vocabulary share [S, V/N] as one [S, V] on rank 0; the other ranks get
+        their own share back (x itself on one rank)."""
         if self.size == 1:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
         dist.gather(x, parts, dst=self._global_rank(0), group=self.group)
-        return torch.cat(parts, dim=-1) if parts is not None else None
+        return torch.cat(parts, dim=-1) if parts is not None else x
 
     def _global_rank(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)

@@ -86,7 +86,9 @@ def test_decode_graph_buffers_and_padding_keep_tokens_equal(hf_dir, monkeypatch,
         )
     triton_engine = engine(hf_dir, "triton")
     runner = triton_engine.runner
-    graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.config.max_blocks_per_seq, [2, 4, 8], False)
+    graphs = DecodeGraphs(
+        runner.model, runner.forward.kv_cache, runner.config.max_blocks_per_seq, [2, 4, 8], False
+    )
     graphs.capture()
     runner.forward.graphs = graphs
     padded: list[int] = []
