@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from model.backend import Routing, align_to_experts
 from model.moe import FeedForward, route
+from model.torch_backend import moe as moe_path
 from model.torch_backend.moe import grouped_swiglu
 
 D, FF, E, A = 32, 48, 8, 2
@@ -46,6 +47,30 @@ def test_grouped_equals_loop_on_random_routing(num_tokens):
     w13, w2 = weights()
     routing = route(torch.randn(num_tokens, E), A)
     torch.testing.assert_close(grouped_swiglu(x, routing, w13, w2), reference_moe(x, routing, w13, w2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(4))
+def test_one_token_gives_the_sorted_paths_bits(dtype, seed):
+    """One token (a decode step at batch 1) skips the sort; it must give the sorted path's bits,
+    so a batch's size alone does not change its numbers. Pairs routed to another rank's expert
+    (id E, expert parallel) are left out by both."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, D, generator=g).to(dtype)
+    w13, w2 = (w.to(dtype) for w in weights(seed=seed))
+    routing = route(torch.randn(1, E, generator=g), A)
+    held_elsewhere = Routing(routing.topk_ids[:, :1].repeat(1, 3), torch.tensor([[0.5, 0.0, 0.0]]))
+    held_elsewhere.topk_ids[0, 1:] = E
+    for r in (routing, held_elsewhere):
+
+        def expert(e, xs):
+            return F.linear(moe_path.silu_and_mul(F.linear(xs, w13[e])), w2[e])
+
+        one = grouped_swiglu(x, r, w13, w2)
+        assert torch.equal(one, moe_path._sorted_pairs(x, r, E, expert))
+        torch.testing.assert_close(
+            one.float(), reference_moe(x.float(), r, w13.float(), w2.float()), atol=1e-2, rtol=1e-2
+        )
 
 
 def test_all_tokens_on_one_expert_and_empty_experts():
