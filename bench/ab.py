@@ -3,7 +3,8 @@
     python -m bench.ab --base REV                  # 3 rounds, 1 and 32 clients
     python -m bench.ab --base REV --rounds 5 --clients 1,8,32
 
-Both trees serve PERFORMANCE.md's "small" random Mixtral (written once, shared). Each round runs,
+Both trees serve PERFORMANCE.md's "small" random Mixtral (written once, shared), or the checkpoint
+`--checkpoint` names (`python -m model.demo moe` prints the demo-moe's). Each round runs,
 in each tree, `bench.engine`'s engine-only run (`AsyncEngine.generate`, 64-token prompts, exactly
 64 tokens out) and then `bench.serve`'s HTTP run against that tree's own server (started on the
 checkpoint, stopped before the next run, so nothing shares the two cores). The order of the
@@ -80,11 +81,14 @@ def main() -> None:
     p.add_argument("--base", required=True, help="the commit to compare with (any git revision)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", default="1,32")
+    p.add_argument(
+        "--checkpoint", type=Path, help="a checkpoint directory to serve instead (the demo model's, for one)"
+    )
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"base": export(args.base, Path(tmp) / "base"), "this": ROOT}
-        checkpoint = write_checkpoint(Path(tmp) / "small")  # in a child: no torch here
+        checkpoint = args.checkpoint or write_checkpoint(Path(tmp) / "small")  # in a child: no torch here
         figures: dict[tuple[str, str], list[dict[int, float]]] = {}
         for round_ in range(1, args.rounds + 1):
             order = ["base", "this"] if round_ % 2 else ["this", "base"]

@@ -5,8 +5,9 @@
 Prints the wall time per step split into scheduler, batch building, model forward, logits,
 sampling and post-processing; then the step against its memory ceiling: the bytes it must read
 (attention and router weights, the experts its tokens were routed to, the LM head, the KV of
-its contexts; `bench.gpu_check.step_bytes`) over the copy bandwidth measured here (read +
-write of a 1 GiB buffer); then the torch operators that take the most CPU time.
+its contexts; `bench.gpu_check.step_bytes`) over two bandwidths measured here: a 1 GiB copy
+(read + write counted) and a 1 GiB sum (read only, the ceiling for streaming weights); then
+the torch operators that take the most CPU time.
 """
 
 from __future__ import annotations
@@ -89,6 +90,18 @@ def copy_bandwidth(repeats: int = 5) -> float:
     return 2 * src.numel() / best
 
 
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second read by summing 1 GiB of fp32 on the CPU (read only), the best of `repeats`:
+    the ceiling for a step that streams its weights once."""
+    src = torch.ones(1 << 28, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - t)
+    return 4 * src.numel() / best
+
+
 def step_read_bytes(engine: Engine) -> int:
     """What the next decode step must read: its chunks, captured, then measured by gpu_check's rule."""
     from bench.gpu_check import step_bytes  # its model-only helpers (it imports triton, present here)
@@ -124,18 +137,22 @@ def main() -> None:
                 engine.step()
         nbytes = step_read_bytes(engine)
         step, phases = time_phases(engine, args.steps)
-        bandwidth = copy_bandwidth()
+        bandwidth, read = copy_bandwidth(), read_bandwidth()
     print(f"# decode step at batch {args.batch}: {step * 1e3:.2f} ms ({args.batch / step:.0f} tok/s)")
     print("\n| phase | ms per step |\n|---|---:|")
     for label, seconds in phases.items():
         print(f"| {label} | {seconds * 1e3:.2f} |")
     print(f"| (rest: Python between phases) | {(step - sum(phases.values())) * 1e3:.2f} |")
-    ceiling = nbytes / bandwidth
-    print("\n| batch | bytes a step reads | copy bandwidth | ceiling step | measured step | of the ceiling |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    ceiling, read_ceiling = nbytes / bandwidth, nbytes / read
+    print(
+        "\n| batch | bytes a step reads | copy bandwidth | ceiling step | read bandwidth | ceiling step "
+        "| measured step | of the ceilings |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {args.batch} | {nbytes / 1e6:.1f} MB | {bandwidth / 1e9:.1f} GB/s | {ceiling * 1e3:.2f} ms | "
-        f"{step * 1e3:.2f} ms | {ceiling / step:.0%} |"
+        f"{read / 1e9:.1f} GB/s | {read_ceiling * 1e3:.2f} ms | {step * 1e3:.2f} ms | "
+        f"{ceiling / step:.0%}, {read_ceiling / step:.0%} |"
     )
     print("\nTop operators (torch profiler, 10 steps; profiler overhead inflates small ops):\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
