@@ -73,12 +73,11 @@ def decode_logits(model: MixtralModel, input_ids: torch.Tensor, positions: torch
     num_tokens = x.shape[0]
     for i, layer in enumerate(model.layers):
         attn = layer.attn
-        q_size, kv_size, _ = attn.split
-        qkv = attn.qkv_proj(layer.input_norm(x))
-        heads = attn.num_heads + attn.num_kv_heads
-        qk = apply_rotary(qkv[:, : q_size + kv_size].view(num_tokens, heads, attn.head_dim), cos, sin)
-        q, k = qk.split((attn.num_heads, attn.num_kv_heads), dim=1)
-        v = qkv[:, q_size + kv_size :].view(num_tokens, attn.num_kv_heads, attn.head_dim)
+        q, k, v = attn.qkv_proj(layer.input_norm(x)).split(attn.split, dim=-1)
+        q = q.view(num_tokens, attn.num_heads, attn.head_dim)
+        k = k.view(num_tokens, attn.num_kv_heads, attn.head_dim)
+        v = v.view(num_tokens, attn.num_kv_heads, attn.head_dim)
+        q, k = apply_rotary(q, k, cos, sin)
         out = _attention(q, k, v, i, attn.scale)
         x = x + attn.o_proj(out.reshape(num_tokens, -1))
         h = layer.post_attn_norm(x)

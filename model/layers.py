@@ -60,8 +60,13 @@ class RotaryEmbedding(nn.Module):
         return cos_sin[:, 0].unsqueeze(1), cos_sin[:, 1].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, Dh] by cos, sin [T, 1, Dh] (rotate-half convention). The attention
-    rotates its queries and keys together, as one [T, H + K, Dh] view: 5 operators, not 10."""
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, H, Dh] and k [T, K, Dh] by cos, sin [T, 1, Dh] (rotate-half convention)."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

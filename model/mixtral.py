@@ -53,11 +53,11 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
-        q_size, kv_size, _ = self.split
-        qk = qkv[:, : q_size + kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(qk, *rope).split((self.num_heads, self.num_kv_heads), dim=1)  # [T, H | K, Dh]
-        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, Dh]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, Dh]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, Dh]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, Dh]
+        q, k = apply_rotary(q, k, *rope)
         self.kernels.write_kv(kv_cache, k, v, meta.slot_mapping)
         out = self.kernels.attention(q, kv_cache, meta, self.scale)  # [T, H, Dh]
         return self.parallel.all_reduce(self.o_proj(out.view(num_tokens, -1)))
