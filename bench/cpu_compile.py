@@ -101,19 +101,21 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=30, help="steps per side per round")
     p.add_argument("--context", type=int, default=64, help="tokens already in each sequence's cache")
+    p.add_argument("--checkpoint", type=Path, help="another Mixtral checkpoint (`python -m model.demo moe`)")
     args = p.parse_args()
     torch.set_num_threads(2)
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_small_checkpoint(Path(tmp) / "small")
+        path = args.checkpoint or write_small_checkpoint(Path(tmp) / "small")
         eager = load_model(path, dtype="bfloat16")
         eager.pack_for_cpu()
         compiled_model = load_model(path, dtype="bfloat16")
         for layer in compiled_model.layers:
             layer.ffn.pack_for_cpu()  # the experts the opaque op runs; the rest is inductor's
-    print(f"# torch.compile probe: small checkpoint, bf16, torch {torch.__version__}, 2 threads")
+    name = args.checkpoint.name if args.checkpoint else "small checkpoint"
+    print(f"# torch.compile probe: {name}, bf16, torch {torch.__version__}, 2 threads")
     print(f"# decode step + LM head, {args.context} tokens of context, median of {args.rounds} rounds")
     print()
     print("| batch | eager ms | compiled ms | eager / compiled | compile s | max logit diff |")
