@@ -8,7 +8,14 @@ import torch
 from model.backend import ExpertWeights
 from model.loader import load_model
 from model.moe import FeedForward, route
-from model.quant import WeightQuant, dequantize_rows, quantize_rows, quantized_linear, resolve_quant
+from model.quant import (
+    INT8_PACK_MAX_ROWS,
+    WeightQuant,
+    dequantize_rows,
+    quantize_rows,
+    quantized_linear,
+    resolve_quant,
+)
 from model.torch_backend.moe import grouped_swiglu, routed_experts
 from tests.model.paged import PagedHarness
 from tests.model.test_against_transformers import PROMPTS
@@ -37,6 +44,19 @@ def test_quantized_linear_is_the_dequantized_gemm(scheme):
     q, scale = quantize_rows(w, scheme)
     expected = x @ dequantize_rows(q, scale, torch.float32).T
     torch.testing.assert_close(quantized_linear(x, q, scale), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, INT8_PACK_MAX_ROWS, INT8_PACK_MAX_ROWS + 1, 100])
+def test_bf16_int8_linear_is_the_dequantized_gemm_below_and_past_the_switch(rows):
+    """16-bit activations take torch's int8 kernel up to INT8_PACK_MAX_ROWS rows and the upcast
+    GEMM past them; both are the dequantized GEMM to bf16 rounding."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 256, generator=g).bfloat16(), torch.randn(96, 256, generator=g)
+    q, scale = quantize_rows(w, WeightQuant.INT8)
+    expected = x.float() @ dequantize_rows(q, scale, torch.float32).T
+    got = quantized_linear(x, q, scale)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=5e-2)
 
 
 def test_resolve_quant_names_and_cpu_default():
