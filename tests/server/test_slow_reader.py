@@ -62,8 +62,10 @@ def test_a_stalled_reader_neither_stalls_the_others_nor_holds_memory(long_dir, t
     env = {"MIXTRAL_STREAM_BUFFER_BYTES": str(BUFFER), "MIXTRAL_STREAM_STALL_TIMEOUT_S": str(STALL_S)}
     server = start_server(long_dir, tmp_path / "server.log", "--max-model-len", "4096", env=env)
     try:
+        # The baseline runs five normal streams: the batch size the four beside the stalled one
+        # make with it, so that the comparison is of the stall, not of one more sequence.
         for _ in range(3):  # warm-up: the allocator's arenas grow with the first streams
-            alone = statistics.median(normal_streams(server))
+            alone = statistics.median(normal_streams(server, 5))
         # Memory: the stalled stream alone. Unbounded, its unread output would hold ~17 MB
         # (3,500 outputs of ~5 KB each with their alternatives).
         before = scrape(server)
@@ -83,7 +85,7 @@ def test_a_stalled_reader_neither_stalls_the_others_nor_holds_memory(long_dir, t
             wait_for_abort(server, before_second, time.monotonic() + STALL_S + 20)
         finally:
             stalled.close()
-        alone = max(alone, statistics.median(normal_streams(server)))  # before and after: load drifts
+        alone = max(alone, statistics.median(normal_streams(server, 5)))  # before and after: load drifts
         idle = scrape(server)
     finally:
         stop_server(server)
@@ -91,5 +93,8 @@ def test_a_stalled_reader_neither_stalls_the_others_nor_holds_memory(long_dir, t
     # The bound, and room for what the allocator keeps of the stream's chunks before they stalled.
     assert growth < BUFFER + 10 * MB, f"RSS grew {growth / MB:.1f} MB"
     assert aborted_after < STALL_S + 15, aborted_after  # the sends stall once the socket buffers fill
-    assert beside < 1.5 * alone, (alone, beside)  # the normal streams' inter-token p50
+    # The normal streams' inter-token p50. A stalled event loop would show gaps of seconds (the
+    # stall timeout is 3 s); 2x leaves room for this 2-core machine's drift between the phases,
+    # which reached 1.6x at 1.5x's bound once the steps got faster (alone 4.6 ms, not 7).
+    assert beside < 2 * alone, (alone, beside)
     assert idle["num_requests_running"] == 0 and idle["kv_cache_usage_perc"] == 0
