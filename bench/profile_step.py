@@ -17,6 +17,7 @@ import collections
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,24 +83,23 @@ def copy_bandwidth(repeats: int = 5) -> float:
     """Bytes per second moved by a 1 GiB CPU copy (read + write), the best of `repeats`."""
     src = torch.ones(1 << 30, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() / best
+    return 2 * src.numel() / _best_seconds(lambda: dst.copy_(src), repeats)
 
 
 def read_bandwidth(repeats: int = 5) -> float:
     """Bytes per second read by summing 1 GiB of fp32 on the CPU (read only), the best of `repeats`:
     the ceiling for a step that streams its weights once."""
     src = torch.ones(1 << 28, dtype=torch.float32)
+    return 4 * src.numel() / _best_seconds(src.sum, repeats)
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        src.sum()
+        fn()
         best = min(best, time.perf_counter() - t)
-    return 4 * src.numel() / best
+    return best
 
 
 def step_read_bytes(engine: Engine) -> int:
