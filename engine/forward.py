@@ -9,6 +9,7 @@ Shape legend: T tokens in the step, R logits rows, V vocabulary, D hidden size, 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +18,10 @@ from engine.config import EngineConfig
 from model.batch import BatchBuilder, SequenceChunk
 from model.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from model.mixtral import MixtralModel, allocate_kv_cache
+from model.native.decoder import NativeDecoder
 from model.ops import select_kernels
+
+log = logging.getLogger(__name__)
 
 
 class ForwardStep:
@@ -29,6 +33,7 @@ class ForwardStep:
         bs = config.block_size
         if model.kernels.name == "triton" and (bs < 16 or bs & (bs - 1)):
             raise ValueError(f"the Triton kernels need a block_size that is a power of two >= 16, got {bs}")
+        self.native = _native_decoder(model, config) if self.device.type == "cpu" else None
         if config.pack_cpu_weights:
             model.pack_for_cpu()  # no-op off the CPU, on the Triton path, or where oneDNN cannot pack
         self.kv_cache = allocate_kv_cache(
@@ -58,6 +63,8 @@ class ForwardStep:
         batch = self.builder.build(chunks)
         if self.graphs is not None and self.graphs.can_run(batch.attn):
             hidden = self.graphs.run(batch.input_ids, batch.attn)  # [S, D]
+        elif self.native is not None and not batch.attn.prefills:
+            hidden = self.native(batch.input_ids, self.kv_cache, batch.attn)  # [S, D]
         else:
             hidden = self.model(batch.input_ids, self.kv_cache, batch.attn)  # [T, D]
         prompt = self._logits(hidden, prompt_rows) if prompt_rows else None
@@ -73,6 +80,21 @@ class ForwardStep:
 
     def _index(self, rows: Sequence[int]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+
+
+def _native_decoder(model: MixtralModel, config: EngineConfig) -> NativeDecoder | None:
+    """The native CPU decode step where `config.kernels` asks for it ('auto', 'native') and the
+    model can take it; otherwise None, with the reason logged ('native' refuses to start)."""
+    if config.kernels not in ("auto", "native"):
+        return None
+    decoder = NativeDecoder.create(model)
+    if isinstance(decoder, str):
+        if config.kernels == "native":
+            raise RuntimeError(f"kernels='native': the native CPU decode step cannot run: {decoder}")
+        log.info("CPU decode: the torch step, because %s", decoder)
+        return None
+    log.info("CPU decode: the native step (model.native), %d threads", decoder.threads)
+    return decoder
 
 
 def _each_last_token(chunks: Sequence[SequenceChunk], rows: Sequence[int]) -> bool:

@@ -14,6 +14,7 @@ H query heads, K kv heads, Dh head dim, N cache blocks, B block size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,16 +41,21 @@ def local_routing(routing: Routing, experts: range) -> Routing:
     return Routing(torch.where(here, ids, len(experts)), routing.topk_weights * here)
 
 
+# A linear layer over a prepacked weight: x [n, K] -> [n, N].
+LinearFn = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True, slots=True)
 class ExpertWeights:
     """Stacked expert weights: 16-bit, or 8-bit with fp32 per-output-channel scales; on a CPU,
-    the torch backend may hold them prepacked for oneDNN instead (`packed`)."""
+    the torch backend may hold them prepacked instead (`packed`: oneDNN's layout, or the native
+    step's, `model.native`), each expert's two matrices as linear layers."""
 
     w13: torch.Tensor  # [E, 2F, D] (gate; up)
     w2: torch.Tensor  # [E, D, F]
     w13_scale: torch.Tensor | None = None  # [E, 2F]
     w2_scale: torch.Tensor | None = None  # [E, D]
-    packed: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # per expert (w13, w2)
+    packed: tuple[tuple[LinearFn, LinearFn], ...] | None = None  # per expert (w13, w2)
 
     @property
     def num_experts(self) -> int:

@@ -170,7 +170,8 @@ class MixtralModel(nn.Module):
         self.lm_head = QuantLinear(self.lm_head.weight, scheme)  # a tied embedding stays 16-bit
 
     def pack_for_cpu(self) -> bool:
-        """Prepack every GEMM weight for oneDNN (see `model.torch_backend.packed`); one-way, CPU only.
+        """Prepack every GEMM weight for oneDNN (see `model.torch_backend.packed`) but those the
+        native decode step packed already (`model.native`); one-way, CPU only.
 
         Returns False (and changes nothing) where packing is unavailable.
         """

@@ -18,7 +18,7 @@ from model.parallel import SINGLE, Parallel
 from model.quant import WeightQuant, quantize_rows
 from model.torch_backend.kernels import TORCH_KERNELS
 from model.torch_backend.moe import expert_forward
-from model.torch_backend.packed import PackedLinear, pack_weight
+from model.torch_backend.packed import PackedLinear
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> Routing:
@@ -63,7 +63,7 @@ class FeedForward(nn.Module):
         if num_experts > 1:
             self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.kernels: Kernels = TORCH_KERNELS
-        self._packed: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # per expert (w13, w2)
+        self._packed: tuple[tuple[nn.Module, nn.Module], ...] | None = None  # per expert (w13, w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         if self.gate is None:
@@ -98,13 +98,20 @@ class FeedForward(nn.Module):
             setattr(self, f"{name}_scale", nn.Parameter(scale, requires_grad=False))
 
     def pack_for_cpu(self) -> None:
-        """Prepack each expert's weights for oneDNN and drop the dense copies (one-way; 16-bit only)."""
+        """Prepack each expert's weights for oneDNN and drop the dense copies (one-way; 16-bit
+        only). Experts the native step packed already (`use_packed`) stay as they are."""
         if self.quant is not WeightQuant.NONE:
             return
-        self._packed = tuple(
-            (pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.num_experts)
-        )
-        if self.gate is not None:
+        if isinstance(self.gate, nn.Linear):
             self.gate = PackedLinear(self.gate.weight)
+        if self._packed is None:
+            self.use_packed(
+                tuple((PackedLinear(self.w13[e]), PackedLinear(self.w2[e])) for e in range(self.num_experts))
+            )
+
+    def use_packed(self, experts: tuple[tuple[nn.Module, nn.Module], ...]) -> None:
+        """Run the experts on prepacked linear layers, per expert (w13, w2), and drop the dense
+        weights (one-way)."""
+        self._packed = experts
         self.w13 = nn.Parameter(torch.empty(0, dtype=self.w13.dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(0, dtype=self.w2.dtype), requires_grad=False)

@@ -20,11 +20,15 @@ KERNEL_CHOICES = choices(KernelChoice)
 
 
 def select_kernels(choice: str, device: torch.device | str) -> Kernels:
-    """'auto' (Triton on CUDA, torch elsewhere), 'torch', or 'triton' (on CPU: the interpreter)."""
+    """'auto' (Triton on CUDA, torch elsewhere), 'torch', or 'triton' (on CPU: the interpreter);
+    'native' (CPU only) is the torch kernels here, the native decode step beside them being the
+    step's (`engine.forward`)."""
     device = torch.device(device)
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"unknown kernels {choice!r}; use one of {', '.join(KERNEL_CHOICES)}")
-    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+    if choice == "native" and device.type != "cpu":
+        raise ValueError(f"kernels='native' is the CPU decode step; the model is on {device}")
+    if choice in ("torch", "native") or (choice == "auto" and device.type != "cuda"):
         return TORCH_KERNELS
     try:
         from model.triton_backend.kernels import TritonKernels  # only here: the CPU path never needs triton

@@ -7,7 +7,9 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 DType = Literal["bfloat16", "float16", "float32"]
-KernelChoice = Literal["auto", "torch", "triton"]  # auto: Triton on CUDA, torch elsewhere (model.ops)
+# auto: Triton on CUDA; on a CPU the native decode step where it builds (model.native), torch
+# for the rest. native: that step, or refuse to start. torch: the reference path everywhere.
+KernelChoice = Literal["auto", "torch", "triton", "native"]
 Quantization = Literal["none", "8bit", "int8", "fp8"]  # of the experts' weights (model.quant)
 
 

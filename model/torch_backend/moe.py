@@ -3,7 +3,7 @@
 No padding is needed here: the pairs are sorted by expert (`sort_pairs_by_expert`, the first
 half of the dispatch contract), the expert counts are read on the host (a sync this path may
 make), and each non-empty segment runs its expert. An expert is a SwiGLU over 16-bit, 8-bit or
-oneDNN-prepacked weights.
+prepacked weights.
 
 Shape legend: T tokens, A active experts per token, P = T * A pairs, D hidden, F expert FFN.
 """
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from model.backend import ExpertWeights, Routing, sort_pairs_by_expert
 from model.quant import quantized_linear
-from model.torch_backend.packed import packed_linear
 
 # (expert index, its tokens [n, D]) -> that expert's output [n, D]
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -88,7 +87,7 @@ def expert_forward(weights: ExpertWeights, e: int, x: torch.Tensor) -> torch.Ten
     """Expert e's SwiGLU on x [n, D]."""
     if weights.packed is not None:
         w13, w2 = weights.packed[e]
-        return packed_linear(silu_and_mul(packed_linear(x, w13)), w2)
+        return w2(silu_and_mul(w13(x)))
     if weights.w13_scale is None or weights.w2_scale is None:
         return swiglu(x, weights.w13[e], weights.w2[e])
     h = silu_and_mul(quantized_linear(x, weights.w13[e], weights.w13_scale[e]))

@@ -5,7 +5,7 @@ interleave, and every free block is filled with NaN before each forward."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -14,8 +14,18 @@ from model.mixtral import MixtralModel, allocate_kv_cache
 
 
 class PagedHarness:
-    def __init__(self, model: MixtralModel, num_blocks: int = 64, block_size: int = 5, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: MixtralModel,
+        num_blocks: int = 64,
+        block_size: int = 5,
+        seed: int = 0,
+        decoder: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
+        """`decoder`: runs the steps that are all single-token decodes instead of the model's
+        forward (the native CPU step); the model's forward runs the rest."""
         self.model = model
+        self.decoder = decoder
         self.block_size = block_size
         dtype = model.embed_tokens.weight.dtype
         device = model.embed_tokens.weight.device
@@ -38,7 +48,8 @@ class PagedHarness:
             for i in order
         ]
         batch = self.builder.build(chunks)
-        hidden = self.model(batch.input_ids, self.kv, batch.attn)
+        forward = self.decoder if self.decoder is not None and not batch.attn.prefills else self.model
+        hidden = forward(batch.input_ids, self.kv, batch.attn)
         logits = self.model.compute_logits(hidden)
         out: list[torch.Tensor] = [torch.empty(0)] * len(work)
         starts = batch.attn.query_start_loc.tolist()
