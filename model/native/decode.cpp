@@ -13,8 +13,9 @@
 // path writes it.
 //
 // Packed weights: a [N, K] matrix as N/16 blocks of 16 output rows, each block contiguous over
-// all of K: bf16 as [K/2][16][2] (the pairs a `vdpbf16ps` takes), fp32 as [K][16]. N and K are
-// multiples of 16 (the Python side checks).
+// all of K: bf16 as [K/2][16][2] (the pairs a `vdpbf16ps` takes), fp32 and int8 as [K][16]
+// (int8 with one fp32 scale per row, applied after the dot products). N and K are multiples of
+// 16 (the Python side checks).
 //
 // Shape legend: S sequences, D hidden, H query heads, KV kv heads, G = H / KV, Dh head dim,
 // E experts, A top-k, P = S * A pairs, F expert FFN, N cache blocks, B block size.
@@ -30,7 +31,7 @@
 namespace {
 
 typedef uint16_t bf16;
-enum DType : int32_t { F32 = 0, BF16 = 1 };
+enum DType : int32_t { F32 = 0, BF16 = 1, INT8 = 2 };
 
 inline float bf2f(bf16 h) {
   uint32_t u = (uint32_t)h << 16;
@@ -71,8 +72,9 @@ extern "C" {
 // One packed linear layer (see the header).
 struct Linear {
   const void* w;
+  const float* scale;  // [N] for INT8 weights (w8a16: q * scale), else null
   int64_t n, k;
-  int32_t dtype;  // F32 or BF16: the weight's, and the type its input rows must have
+  int32_t dtype;  // the weight's: F32 and INT8 take fp32 input rows, BF16 bf16 ones
   int32_t pad_;
 };
 
@@ -153,20 +155,53 @@ inline void tile(const float* const* xr, const float* w, int64_t bstride, int64_
     for (int b = 0; b < NB; ++b) _mm512_storeu_ps(y + m * ldy + b * 16, acc[m][b]);
 }
 
+// int8 weights against fp32 rows: each weight widened to fp32 in registers, the row's scale
+// applied to the sums.
+template <int MR, int NB>
+inline void tile(const float* const* xr, const int8_t* w, int64_t bstride, int64_t k, float* y, int64_t ldy,
+                 const float* scale) {
+  __m512 acc[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    __m512 wv[NB];
+    for (int b = 0; b < NB; ++b)
+      wv[b] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + b * bstride + kk * 16))));
+    for (int m = 0; m < MR; ++m) {
+      __m512 xv = _mm512_set1_ps(xr[m][kk]);
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(wv[b], xv, acc[m][b]);
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    const __m512 s = _mm512_loadu_ps(scale + b * 16);
+    for (int m = 0; m < MR; ++m) _mm512_storeu_ps(y + m * ldy + b * 16, _mm512_mul_ps(acc[m][b], s));
+  }
+}
+
+// The same signature for every weight type (the scale unused but for int8).
+template <int MR, int NB, typename X, typename W>
+inline void tile_any(const X* const* xr, const W* w, int64_t bstride, int64_t k, float* y, int64_t ldy,
+                     const float* scale) {
+  if constexpr (sizeof(W) == 1)
+    tile<MR, NB>(xr, w, bstride, k, y, ldy, scale);
+  else
+    tile<MR, NB>(xr, w, bstride, k, y, ldy);
+}
+
 constexpr int NB_MAX = 4;
 constexpr int64_t ROW_CHUNK = 256;
 
-template <typename T, int NB>
-inline void blocks_all_rows(const T* const* xr, int64_t m, const T* w, int64_t bstride, int64_t k, float* y,
-                            int64_t ldy) {
+template <int NB, typename X, typename W>
+inline void blocks_all_rows(const X* const* xr, int64_t m, const W* w, int64_t bstride, int64_t k, float* y,
+                            int64_t ldy, const float* scale) {
   int64_t r = 0;
-  for (; r + 6 <= m; r += 6) tile<6, NB>(xr + r, w, bstride, k, y + r * ldy, ldy);
+  for (; r + 6 <= m; r += 6) tile_any<6, NB>(xr + r, w, bstride, k, y + r * ldy, ldy, scale);
   switch (m - r) {
-    case 5: tile<5, NB>(xr + r, w, bstride, k, y + r * ldy, ldy); break;
-    case 4: tile<4, NB>(xr + r, w, bstride, k, y + r * ldy, ldy); break;
-    case 3: tile<3, NB>(xr + r, w, bstride, k, y + r * ldy, ldy); break;
-    case 2: tile<2, NB>(xr + r, w, bstride, k, y + r * ldy, ldy); break;
-    case 1: tile<1, NB>(xr + r, w, bstride, k, y + r * ldy, ldy); break;
+    case 5: tile_any<5, NB>(xr + r, w, bstride, k, y + r * ldy, ldy, scale); break;
+    case 4: tile_any<4, NB>(xr + r, w, bstride, k, y + r * ldy, ldy, scale); break;
+    case 3: tile_any<3, NB>(xr + r, w, bstride, k, y + r * ldy, ldy, scale); break;
+    case 2: tile_any<2, NB>(xr + r, w, bstride, k, y + r * ldy, ldy, scale); break;
+    case 1: tile_any<1, NB>(xr + r, w, bstride, k, y + r * ldy, ldy, scale); break;
   }
 }
 
@@ -181,24 +216,28 @@ struct Gemm {
   int64_t ldy;
 };
 
-template <typename T>
+// X: the input rows' type; W: the weight's.
+template <typename X, typename W>
 void gemm_blocks(const Gemm& g, int64_t b0, int64_t b1) {
   const int64_t k = g.lin->k, bstride = 16 * k;
-  const T* w = (const T*)g.lin->w;
-  const T* x = (const T*)g.x;
-  std::vector<const T*> xr(g.m);
+  const W* w = (const W*)g.lin->w;
+  const X* x = (const X*)g.x;
+  const float* sc = g.lin->scale;
+  std::vector<const X*> xr(g.m);
   for (int64_t i = 0; i < g.m; ++i) xr[i] = x + (g.rows ? g.rows[i] : i) * g.ldx;
   // Rows in chunks that stay in L2 while this thread's blocks stream past them.
   for (int64_t r0 = 0; r0 < g.m; r0 += ROW_CHUNK) {
     const int64_t m = std::min(ROW_CHUNK, g.m - r0);
-    const T* const* x0 = xr.data() + r0;
+    const X* const* x0 = xr.data() + r0;
     float* y0 = g.y + r0 * g.ldy;
     int64_t b = b0;
-    for (; b + NB_MAX <= b1; b += NB_MAX) blocks_all_rows<T, 4>(x0, m, w + b * bstride, bstride, k, y0 + b * 16, g.ldy);
+    for (; b + NB_MAX <= b1; b += NB_MAX)
+      blocks_all_rows<4>(x0, m, w + b * bstride, bstride, k, y0 + b * 16, g.ldy, sc ? sc + b * 16 : nullptr);
+    const float* s = sc ? sc + b * 16 : nullptr;
     switch (b1 - b) {
-      case 3: blocks_all_rows<T, 3>(x0, m, w + b * bstride, bstride, k, y0 + b * 16, g.ldy); break;
-      case 2: blocks_all_rows<T, 2>(x0, m, w + b * bstride, bstride, k, y0 + b * 16, g.ldy); break;
-      case 1: blocks_all_rows<T, 1>(x0, m, w + b * bstride, bstride, k, y0 + b * 16, g.ldy); break;
+      case 3: blocks_all_rows<3>(x0, m, w + b * bstride, bstride, k, y0 + b * 16, g.ldy, s); break;
+      case 2: blocks_all_rows<2>(x0, m, w + b * bstride, bstride, k, y0 + b * 16, g.ldy, s); break;
+      case 1: blocks_all_rows<1>(x0, m, w + b * bstride, bstride, k, y0 + b * 16, g.ldy, s); break;
     }
   }
 }
@@ -222,9 +261,11 @@ void gemm_phase(const Gemm* gemms, int count, int tid, int nth) {
     const int64_t b0 = std::max(begin - base, (int64_t)0), b1 = std::min(end - base, nb);
     if (b0 < b1) {
       if (g.lin->dtype == BF16)
-        gemm_blocks<bf16>(g, b0, b1);
+        gemm_blocks<bf16, bf16>(g, b0, b1);
+      else if (g.lin->dtype == INT8)
+        gemm_blocks<float, int8_t>(g, b0, b1);
       else
-        gemm_blocks<float>(g, b0, b1);
+        gemm_blocks<float, float>(g, b0, b1);
     }
     base += nb;
   }
@@ -474,10 +515,14 @@ extern "C" {
 
 // 0 on success; 1 for a dtype pair this build does not run.
 int mixtral_decode_step(const ModelDesc* md, const StepDesc* sd) {
+  // The GEMM input type follows the weights (bf16 rows for bf16 weights, fp32 for fp32 and int8
+  // ones); every layer's linears share one type.
   const int32_t wtype = md->layers[0].qkv.dtype;
   if (wtype == BF16 && md->dtype == BF16)
     decode_step<bf16, bf16>(*md, *sd);
-  else if (wtype == F32 && md->dtype == F32)
+  else if (wtype == INT8 && md->dtype == BF16)
+    decode_step<float, bf16>(*md, *sd);
+  else if (wtype != BF16 && md->dtype == F32)
     decode_step<float, float>(*md, *sd);
   else
     return 1;

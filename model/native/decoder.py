@@ -19,6 +19,7 @@ from model.batch import AttentionMetadata
 from model.mixtral import MixtralModel
 from model.native.build import NativeLibrary, load_native
 from model.native.linear import DTYPE_CODES, LinearDesc, NativeLinear
+from model.quant import QuantLinear
 
 # The C++ side's fixed-size scratch: query heads per kv head, experts, top-k.
 _MAX_GROUP, _MAX_EXPERTS, _MAX_TOP_K = 64, 256, 64
@@ -78,20 +79,22 @@ def unsupported_reason(model: MixtralModel, lib: NativeLibrary) -> str | None:
         return "tensor or expert parallel (the native step is one rank's)"
     if model.kernels.name != "torch":
         return f"the {model.kernels.name} kernels are in use"
-    if dtype not in DTYPE_CODES:
+    if dtype not in (torch.float32, torch.bfloat16):
         return f"{dtype} weights (bfloat16 and float32 only)"
-    if dtype == torch.bfloat16 and not lib.has_bf16:
-        return "this CPU lacks AVX512-BF16, which bfloat16 weights need"
     for layer in model.layers:
         linears = [layer.attn.qkv_proj, layer.attn.o_proj]
-        if any(not isinstance(m, nn.Linear) or m.weight.dtype != dtype for m in linears):
-            return "8-bit or prepacked attention weights (pack before the torch path does)"
-        if layer.ffn.w13.dtype != dtype or layer.ffn.w13.numel() == 0:
-            return "8-bit or prepacked expert weights"
+        if not all(isinstance(m, nn.Linear | QuantLinear) for m in linears) or layer.ffn.w13.numel() == 0:
+            return "prepacked weights (create the decoder before pack_for_cpu)"
+        kinds = {m.weight.dtype for m in linears} | {layer.ffn.w13.dtype}
+        if kinds not in ({dtype}, {torch.int8}):
+            named = ", ".join(sorted(str(k) for k in kinds))
+            return f"{named} linear weights (bf16, fp32 or int8 throughout)"
         shapes = [m.weight.shape for m in linears] + [layer.ffn.w13.shape[1:], layer.ffn.w2.shape[1:]]
         odd = [tuple(s) for s in shapes if s[0] % 16 or s[1] % 16]
         if odd:
             return f"a linear layer's sizes {odd[0]} are not multiples of 16"
+    if model.layers[0].ffn.w13.dtype == torch.bfloat16 and not lib.has_bf16:
+        return "this CPU lacks AVX512-BF16, which bfloat16 weights need"
     if config.head_dim % 16:
         return f"head_dim {config.head_dim} is not a multiple of 16"
     if config.num_heads // config.num_kv_heads > _MAX_GROUP:
@@ -120,10 +123,14 @@ class NativeDecoder:
             for i, layer in enumerate(model.layers):
                 attn, ffn = layer.attn, layer.ffn
                 # The torch path runs on the same packed weights: the model holds each one once.
-                attn.qkv_proj = NativeLinear(attn.qkv_proj.weight, lib, threads)
-                attn.o_proj = NativeLinear(attn.o_proj.weight, lib, threads)
+                attn.qkv_proj = _native(attn.qkv_proj, lib, threads)
+                attn.o_proj = _native(attn.o_proj, lib, threads)
+                w13s, w2s = ffn.w13_scale, ffn.w2_scale  # None unless int8
                 experts = tuple(
-                    (NativeLinear(ffn.w13[e], lib, threads), NativeLinear(ffn.w2[e], lib, threads))
+                    (
+                        NativeLinear(ffn.w13[e], lib, threads, None if w13s is None else w13s[e]),
+                        NativeLinear(ffn.w2[e], lib, threads, None if w2s is None else w2s[e]),
+                    )
                     for e in range(ffn.num_experts)
                 )
                 router = self._f32(ffn.gate.weight) if ffn.gate is not None else None
@@ -215,3 +222,9 @@ class NativeDecoder:
 
     def _f32(self, t: torch.Tensor) -> int:
         return self._keep_tensor(t.detach().float().contiguous())
+
+
+def _native(linear: nn.Module, lib: NativeLibrary, threads: int) -> NativeLinear:
+    """An `nn.Linear` or an int8 `QuantLinear` as a `NativeLinear`."""
+    scale = linear.scale if isinstance(linear, QuantLinear) else None
+    return NativeLinear(linear.weight, lib, threads, scale)

@@ -16,6 +16,7 @@ from model.loader import load_model
 from model.native.build import load_native
 from model.native.decoder import NativeDecoder
 from model.native.linear import NativeLinear
+from model.quant import WeightQuant, dequantize_rows, quantize_rows
 from tests.checkpoints import V1_TOKENIZER, TinyShape, hf_dense
 from tests.engine.helpers import EOS, greedy, run, tokens
 from tests.model.paged import PagedHarness
@@ -145,3 +146,32 @@ def test_kernels_native_refuses_a_model_it_cannot_run_and_auto_falls_back(tmp_pa
     with pytest.raises(RuntimeError, match="head_dim 24"):
         engine(tmp_path, "native")
     assert engine(tmp_path, "auto").runner.forward.native is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_native_int8_linear_equals_the_dequantized_weight(rows):
+    """W8A16: the int8 weight widened in registers, the row's fp32 scale applied to the sums."""
+    g = torch.Generator().manual_seed(rows)
+    q, scale = quantize_rows(torch.randn(64, 96, generator=g), WeightQuant.INT8)
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    got = NativeLinear(q, LIB, threads=2, scale=scale)(x)
+    want = F.linear(x.float(), dequantize_rows(q, scale, torch.float32))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)  # the bf16 output's rounding
+
+
+def test_int8_decode_is_no_further_from_fp32_than_the_torch_step(hf_dir):
+    """int8 everywhere but the router (`--quantization int8` on a CPU), bf16 activations."""
+    reference = PagedHarness(load_model(hf_dir, dtype="float32"))
+    torch_int8 = PagedHarness(load_model(hf_dir, dtype="bfloat16", quantization="int8"))
+    model = load_model(hf_dir, dtype="bfloat16", quantization="int8")
+    decoder = NativeDecoder.create(model)
+    assert not isinstance(decoder, str), decoder
+    got = teacher_forced(
+        {"fp32": reference, "torch": torch_int8, "native": PagedHarness(model, decoder=decoder)},
+        PROMPTS,
+        STEPS,
+    )
+    decode = slice(1, None)
+    err = {k: (got[k][decode] - got["fp32"][decode]).abs().mean().item() for k in ("torch", "native")}
+    assert err["native"] <= 1.1 * err["torch"], err

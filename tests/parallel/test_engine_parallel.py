@@ -44,6 +44,7 @@ def engine(path, tp=1, ep=False, quantization="none"):
         expert_parallel=ep,
         quantization=quantization,
         collective_timeout_s=30,
+        kernels="torch",  # one rank too: the ranks' path (a CPU's native step is one rank's only)
     )
     built, _ = build_engine(path, args, load_prompt_encoder(path))
     return built
