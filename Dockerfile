@@ -20,6 +20,15 @@ ENV PYTHONUNBUFFERED=1 \
     MIXTRAL_HOST=0.0.0.0 \
     MIXTRAL_PORT=8000
 
+# A CPU image's decode step is native code (model/native), compiled with g++ on the first start
+# and cached in /cache; CPU_TOOLCHAIN=1 installs the compiler (the compose demo and the smoke test
+# set it). Without one the server logs why and runs the torch step. GPU images do not need it.
+ARG CPU_TOOLCHAIN=0
+RUN if [ "$CPU_TOOLCHAIN" = "1" ] && ! command -v g++ >/dev/null; then \
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 # A venv that still sees the base image's torch (GPU images ship it system-wide).
 RUN python3 -m venv --system-site-packages /opt/venv
 COPY deploy/wheels/ /tmp/wheels/

@@ -51,6 +51,7 @@ log "building $IMAGE"
 podman build --quiet --network host --format docker \
     --build-arg BASE_IMAGE="$BASE" \
     --build-arg TORCH_SPEC=torch==2.13.0 \
+    --build-arg CPU_TOOLCHAIN=1 \
     --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     -t "$IMAGE" . >"$WORK/build.log"
 

@@ -33,3 +33,12 @@ def test_dockerfile_runs_as_non_root_with_healthcheck_and_no_weights():
     assert "\nUSER app\n" in text and "HEALTHCHECK" in text and "STOPSIGNAL SIGTERM" in text
     assert "MIXTRAL_HOST=0.0.0.0" in text
     assert ".safetensors" not in text and "COPY models" not in text
+
+
+def test_cpu_image_has_the_compiler_the_native_decode_step_needs():
+    """The CPU images (compose's demo, the smoke test) install g++ for `model/native`; the GPU
+    image need not (the native step is CPU only)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ARG CPU_TOOLCHAIN=0" in dockerfile and "install -y -qq --no-install-recommends g++" in dockerfile
+    assert 'CPU_TOOLCHAIN: "1"' in (ROOT / "docker-compose.yml").read_text()
+    assert "--build-arg CPU_TOOLCHAIN=1" in (ROOT / "deploy" / "smoke.sh").read_text()

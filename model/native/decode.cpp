@@ -366,6 +366,7 @@ void route(const ModelDesc& md, const float* router, const T* h, int32_t* ids, f
     int64_t best = -1;
     for (int64_t e = 0; e < E; ++e)
       if (p[e] >= 0.f && (best < 0 || p[e] > p[best])) best = e;
+    if (best < 0) best = a % E;  // NaN logits: any expert (its NaN weight carries on), never an id out of range
     ids[a] = (int32_t)best;
     weights[a] = p[best] / sum;
     kept += weights[a];

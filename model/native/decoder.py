@@ -173,6 +173,7 @@ class NativeDecoder:
         )
         self.hidden_size = config.hidden_size
         self.threads = threads
+        self.max_positions = model.rotary.max_positions
 
     @classmethod
     def create(cls, model: MixtralModel, threads: int | None = None) -> NativeDecoder | str:
@@ -193,6 +194,8 @@ class NativeDecoder:
         if meta.prefills or meta.num_decodes != meta.num_seqs:
             raise ValueError("the native step runs single-token decodes only")
         num_seqs = meta.num_seqs
+        if int(meta.seq_lens.max()) > self.max_positions:  # the C++ side reads the rotary table unchecked
+            raise ValueError(f"a position past the rotary table's {self.max_positions}")
         out = torch.empty(num_seqs, self.hidden_size, dtype=self.dtype)
         tables = meta.block_tables
         if tables.stride(1) != 1 or not all(
