@@ -91,7 +91,7 @@ def start_llama_server(binary: Path, gguf: Path, levels: list[int], opts: argpar
     context = slots * (opts.prompt_len + opts.output_len + 16)
     cmd = [
         str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c", str(context),
-        "-np", str(slots), "-t", str(len(os.sched_getaffinity(0))), "-cb", "--alias", "small",
+        "-np", str(slots), "-t", str(len(os.sched_getaffinity(0))), "-cb", "--alias", opts.model,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -112,6 +112,7 @@ def run_system(name: str, start, opts: argparse.Namespace, levels: list[int]) ->
     print("\n".join(serve.table(results, name)), flush=True)
     if err := serve.first_error(results):
         print(f"\nfirst failure: {err}")
+        raise SystemExit(f"{name}: a request failed, so no ratio would mean anything: {err}")
     return results
 
 
@@ -169,10 +170,10 @@ def main(argv: list[str] | None = None) -> None:
             str(args.repeats),
         ]
     )
-    opts.model = "small"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         checkpoint = serve.write_checkpoint(args.checkpoint or work / "small")
+        opts.model = checkpoint.name  # the id our server serves it under, and llama-server's alias
         print(
             f"# peers: the small checkpoint, {args.prompt_len}-token prompts, exactly {args.output_len} "
             f"output tokens, streamed, median of {args.repeats} runs; {len(os.sched_getaffinity(0))} cores",

@@ -398,7 +398,8 @@ void decode_step(const ModelDesc& md, const StepDesc& sd) {
 
 #pragma omp parallel num_threads(nth)
   {
-    const int tid = omp_get_thread_num();
+    // Work is split over the threads the runtime gave (OMP_THREAD_LIMIT, OMP_DYNAMIC may give fewer).
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t b, e;
     split(S, tid, nth, &b, &e);
     for (int64_t s = b; s < e; ++s) {
@@ -468,7 +469,7 @@ void decode_step(const ModelDesc& md, const StepDesc& sd) {
         }
         for (int64_t ex = 0; ex < E; ++ex) {
           const int64_t start = by_expert[ex], n = by_expert[ex + 1] - start;
-          gemms[ex] = Gemm{&lw.w13[ex], h.data(), D, &pair_row[start], n, &g13[start * 2 * F], 2 * F};
+          gemms[ex] = Gemm{&lw.w13[ex], h.data(), D, pair_row.data() + start, n, g13.data() + start * 2 * F, 2 * F};
         }
       }  // implicit barrier
       gemm_phase(gemms.data(), (int)E, tid, nth);
@@ -482,7 +483,8 @@ void decode_step(const ModelDesc& md, const StepDesc& sd) {
       if (tid == 0)
         for (int64_t ex = 0; ex < E; ++ex) {
           const int64_t start = by_expert[ex];
-          gemms[ex] = Gemm{&lw.w2[ex], &act[start * F], F, nullptr, by_expert[ex + 1] - start, &ye[start * D], D};
+          gemms[ex] = Gemm{&lw.w2[ex], act.data() + start * F, F, nullptr, by_expert[ex + 1] - start,
+                            ye.data() + start * D, D};
         }
 #pragma omp barrier
       gemm_phase(gemms.data(), (int)E, tid, nth);

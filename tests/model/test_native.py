@@ -175,3 +175,12 @@ def test_int8_decode_is_no_further_from_fp32_than_the_torch_step(hf_dir):
     decode = slice(1, None)
     err = {k: (got[k][decode] - got["fp32"][decode]).abs().mean().item() for k in ("torch", "native")}
     assert err["native"] <= 1.1 * err["torch"], err
+
+
+def test_out_of_range_token_is_an_index_error_not_a_wild_read(hf_dir):
+    """The torch path's embedding raises IndexError; the native step checks before its unchecked read."""
+    model, decoder = native_model(hf_dir, "float32")
+    harness = PagedHarness(model, decoder=decoder)
+    harness.prefill([PROMPTS[0]])
+    with pytest.raises(IndexError, match="embedding"):
+        harness.step([(0, [model.config.vocab_size])])
