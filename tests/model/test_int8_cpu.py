@@ -11,6 +11,8 @@ import torch
 
 from model.demo import ensure_demo
 from model.loader import load_model
+from model.native.build import load_native
+from model.native.decoder import NativeDecoder
 from model.quant import QuantLinear
 from tests.model.paged import PagedHarness
 from tokenization import load_prompt_encoder
@@ -59,3 +61,26 @@ def test_int8_perplexity_within_one_percent_of_bf16(demo_moe):
     change = quantized / base - 1
     print(f"perplexity over {len(ids)} tokens: bf16 {base:.3f}, int8 {quantized:.3f} ({change:+.2%})")
     assert abs(change) < 0.01  # measured: +0.55% (bf16 17.792, int8 17.891 over 221 tokens)
+
+
+def decoded_perplexity(model, decoder, ids: list[int]) -> float:
+    """Perplexity with every token after the first through the native decode step, one at a time."""
+    harness = PagedHarness(model, num_blocks=64, block_size=16, decoder=decoder)
+    rows = [harness.prefill([ids[:1]])[0][-1]]
+    rows += [harness.step([(0, [t])])[0][-1] for t in ids[1:-1]]
+    logprobs = torch.log_softmax(torch.stack(rows).float(), dim=-1)
+    return math.exp(-logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).mean().item())
+
+
+@pytest.mark.skipif(isinstance(load_native(), str), reason="no native CPU step here")
+def test_native_int8_decode_perplexity_within_one_percent_of_bf16(demo_moe):
+    """The native step's int8 (fp32 activations, fp32 scales) over the same text, token by token."""
+    ids = load_prompt_encoder(demo_moe).encode_text(TEXT, bos=True)
+    base = perplexity(load_model(demo_moe, dtype="bfloat16"), ids)
+    int8 = load_model(demo_moe, dtype="bfloat16", quantization="int8")
+    decoder = NativeDecoder.create(int8)
+    assert not isinstance(decoder, str), decoder
+    quantized = decoded_perplexity(int8, decoder, ids)
+    change = quantized / base - 1
+    print(f"perplexity over {len(ids)} tokens: bf16 {base:.3f}, native int8 {quantized:.3f} ({change:+.2%})")
+    assert abs(change) < 0.01
