@@ -3,6 +3,7 @@
     python -m bench.peers                              # builds llama-server first (~12 min, once)
     python -m bench.peers --llama-server PATH          # a llama-server you built
     python -m bench.peers --formats f16,q8_0 --clients 1,8,32
+    python -m bench.peers --formats f16,q8_0 --rounds 3   # ratios as medians over alternating rounds
 
 The "small" random Mixtral of PERFORMANCE.md, written once as an HF checkpoint, is converted
 with llama.cpp's own `convert_hf_to_gguf.py` (f16 and Q8_0). Then, one server at a time on
@@ -12,7 +13,9 @@ with llama.cpp's own `convert_hf_to_gguf.py` (f16 and Q8_0). Then, one server at
 The load is `bench.serve`'s: /v1/completions with the prompt as token ids, exactly
 `--prompt-len` tokens in and `--output-len` out (`ignore_eos`), greedy, streamed, at each
 concurrency level, median of `--repeats` runs. Printed: each system's table (output tok/s, TTFT
-and inter-token p50/p99), then the ratios ours / llama-server.
+and inter-token p50/p99), then the ratios ours / llama-server. With `--rounds N`, each format's
+pair of systems runs N times, alternating which goes first, and the ratios' medians over the
+rounds close the report (this machine's speed drifts by +-20% between minutes).
 
 llama-server is built from the llama-cpp-python sdist on PyPI (its vendored llama.cpp, a native
 Release build with cmake and the system compiler) under `--peers` (default: peers/ in the temp
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -116,30 +120,36 @@ def run_system(name: str, start, opts: argparse.Namespace, levels: list[int]) ->
     return results
 
 
-def ratios(ours: list[serve.RunResult], peer: list[serve.RunResult], fmt: str) -> list[str]:
-    lines = [
-        f"\n## ours / llama-server, {fmt}\n",
-        "| clients | output tok/s | TTFT p50 | TTFT p99 | inter-token p50 | inter-token p99 |",
-        "|---:|---:|---:|---:|---:|---:|",
+RATIO_COLUMNS = ("output tok/s", "TTFT p50", "TTFT p99", "inter-token p50", "inter-token p99")
+
+
+def ratio_values(a: serve.RunResult, b: serve.RunResult) -> list[float]:
+    """Ours / llama-server at one level: tok/s, then TTFT and inter-token p50 / p99."""
+    ttft_a = [s.ttft for s in a.ok if s.ttft is not None]
+    ttft_b = [s.ttft for s in b.ok if s.ttft is not None]
+    itl_a = [x for s in a.ok for x in s.itl]
+    itl_b = [x for s in b.ok for x in s.itl]
+    return [
+        a.tok_per_s / b.tok_per_s,
+        *(
+            serve.pct(x, q) / serve.pct(y, q)
+            for x, y, q in (
+                (ttft_a, ttft_b, 0.5),
+                (ttft_a, ttft_b, 0.99),
+                (itl_a, itl_b, 0.5),
+                (itl_a, itl_b, 0.99),
+            )
+        ),
     ]
-    for a, b in zip(ours, peer, strict=True):
-        ttft_a = [s.ttft for s in a.ok if s.ttft is not None]
-        ttft_b = [s.ttft for s in b.ok if s.ttft is not None]
-        itl_a = [x for s in a.ok for x in s.itl]
-        itl_b = [x for s in b.ok for x in s.itl]
-        cells = [
-            f"{a.tok_per_s / b.tok_per_s:.2f}x",
-            *(
-                f"{serve.pct(x, q) / serve.pct(y, q):.2f}x"
-                for x, y, q in (
-                    (ttft_a, ttft_b, 0.5),
-                    (ttft_a, ttft_b, 0.99),
-                    (itl_a, itl_b, 0.5),
-                    (itl_a, itl_b, 0.99),
-                )
-            ),
-        ]
-        lines.append(f"| {a.clients} | " + " | ".join(cells) + " |")
+
+
+def ratio_table(title: str, rows: dict[int, list[float]]) -> list[str]:
+    lines = [
+        f"\n## {title}\n",
+        "| clients | " + " | ".join(RATIO_COLUMNS) + " |",
+        "|---:|" + "---:|" * len(RATIO_COLUMNS),
+    ]
+    lines += [f"| {c} | " + " | ".join(f"{v:.2f}x" for v in values) + " |" for c, values in rows.items()]
     lines.append("\n(tok/s above 1 is ours faster; latencies below 1 are ours shorter)")
     return lines
 
@@ -153,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--formats", default="f16", help="f16 and/or q8_0 (ours: bf16 / --quantization int8)")
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--rounds", type=int, default=1, help="pairs of runs per format, alternating which system goes first"
+    )
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--checkpoint", type=Path, help="reuse (or write) the small checkpoint here")
@@ -183,19 +196,37 @@ def main(argv: list[str] | None = None) -> None:
         for fmt in args.formats.split(","):
             gguf = convert(checkpoint, llama_cpp, fmt, work)
             opts.server_arg = OUR_FLAGS[fmt]
-            ours = run_system(
-                f"mixtral-server ({'bf16' if fmt == 'f16' else 'int8'})",
-                lambda f=fmt: serve.start_server(checkpoint, levels, opts, work / f"ours-{f}.log"),
-                opts,
-                levels,
+            systems = {
+                "ours": (
+                    f"mixtral-server ({'bf16' if fmt == 'f16' else 'int8'})",
+                    lambda f=fmt: serve.start_server(checkpoint, levels, opts, work / f"ours-{f}.log"),
+                ),
+                "peer": (
+                    f"llama-server ({fmt})",
+                    lambda g=gguf, f=fmt: start_llama_server(
+                        binary, g, levels, opts, work / f"llama-{f}.log"
+                    ),
+                ),
+            }
+            per_round: list[dict[int, list[float]]] = []
+            for r in range(args.rounds):
+                order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")  # alternate who goes first
+                if args.rounds > 1:
+                    print(f"\n# {fmt}, round {r + 1} of {args.rounds}: {' then '.join(order)}", flush=True)
+                got = {key: run_system(*systems[key], opts, levels) for key in order}
+                per_round.append(
+                    {a.clients: ratio_values(a, b) for a, b in zip(got["ours"], got["peer"], strict=True)}
+                )
+                if args.rounds > 1:
+                    print("\n".join(ratio_table(f"ours / llama-server, {fmt}, round {r + 1}", per_round[-1])))
+            median = {
+                c: [statistics.median(rnd[c][i] for rnd in per_round) for i in range(len(RATIO_COLUMNS))]
+                for c in levels
+            }
+            title = f"ours / llama-server, {fmt}" + (
+                f", median of {args.rounds} rounds" if args.rounds > 1 else ""
             )
-            peer = run_system(
-                f"llama-server ({fmt})",
-                lambda g=gguf, f=fmt: start_llama_server(binary, g, levels, opts, work / f"llama-{f}.log"),
-                opts,
-                levels,
-            )
-            report += ratios(ours, peer, fmt)
+            report += ratio_table(title, median)
         print("\n".join(report))
 
 
