@@ -252,9 +252,16 @@ def long_context_attention(
 
 
 def step_bytes(
-    model: MixtralModel, input_ids, kv, meta, kv_tokens: int, expert_bytes_per_weight: float
+    model: MixtralModel,
+    input_ids,
+    kv,
+    meta,
+    kv_tokens: int,
+    expert_bytes_per_weight: float,
+    dense_bytes_per_weight: float = 2,
 ) -> int:
-    """Bytes a forward must read: attention/router/norm weights, routed-to experts, head rows, KV."""
+    """Bytes a forward must read: attention/router/norm weights, routed-to experts, head rows, KV.
+    `dense_bytes_per_weight`: of attention's projections and the LM head (1 under CPU int8)."""
     cfg = model.config
     d, f = cfg.hidden_size, cfg.intermediate_size
     touched = []
@@ -269,7 +276,9 @@ def step_bytes(
         h.remove()
     attn = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + d * cfg.moe.num_experts + 2 * d
     per_expert = 3 * d * f * expert_bytes_per_weight
-    weights = cfg.num_layers * attn * 2 + sum(touched) * per_expert + cfg.vocab_size * d * 2
+    router_and_norms = d * cfg.moe.num_experts + 2 * d
+    dense = (attn - router_and_norms) * dense_bytes_per_weight + router_and_norms * 2
+    weights = cfg.num_layers * dense + sum(touched) * per_expert + cfg.vocab_size * d * dense_bytes_per_weight
     kv_bytes = kv_tokens * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
     return int(weights + kv_bytes)
 

@@ -102,8 +102,9 @@ def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def step_read_bytes(engine: Engine) -> int:
-    """What the next decode step must read: its chunks, captured, then measured by gpu_check's rule."""
+def step_read_bytes(engine: Engine, bytes_per_weight: float = 2) -> int:
+    """What the next decode step must read: its chunks, captured, then measured by gpu_check's rule
+    (`bytes_per_weight`: 1 where every linear layer is int8)."""
     from bench.gpu_check import step_bytes  # its model-only helpers (it imports triton, present here)
 
     forward = engine.runner.forward
@@ -120,7 +121,16 @@ def step_read_bytes(engine: Engine) -> int:
     batch = forward.builder.build(chunks)
     kv_tokens = sum(c.num_computed + len(c.token_ids) for c in chunks)
     with torch.inference_mode():  # recomputes the same tokens: the same KV is written again
-        return step_bytes(engine.runner.model, batch.input_ids, forward.kv_cache, batch.attn, kv_tokens, 2)
+        model = engine.runner.model
+        return step_bytes(
+            model,
+            batch.input_ids,
+            forward.kv_cache,
+            batch.attn,
+            kv_tokens,
+            bytes_per_weight,
+            bytes_per_weight,
+        )
 
 
 def main() -> None:
