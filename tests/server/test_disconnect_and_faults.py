@@ -51,8 +51,10 @@ def small_server(long_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("small-server") / "server.log"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MIXTRAL_MAX_WAITING_REQUESTS", "2")  # admission: 2 running + 2 waiting
+        # The torch step: a Holder keeps its slot for HOG_TOKENS decode steps, which must outlast
+        # the queued clients' 3 s wait; the native CPU step would finish them in about 2.4 s.
         running = start_server(long_dir, log, "--max-num-seqs", "2", "--kv-cache-memory-gb", KV_CACHE_GB,
-                               "--max-model-len", "4096")  # fmt: skip
+                               "--max-model-len", "4096", "--kernels", "torch")  # fmt: skip
     # The sizing above assumes this pool; the startup line says how many tokens it holds.
     pool = re.search(r"KV cache [\d.]+ GiB \((\d+) tokens\)", running.log.read_text())
     assert pool and int(pool.group(1)) == POOL_TOKENS, f"unexpected KV pool: {pool and pool.group(0)}"
