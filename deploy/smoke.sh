@@ -76,6 +76,10 @@ reply=$(curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H "Content-Type:
 echo "$reply"
 podman logs "$NAME" 2>&1 | grep -m1 "mixtral-server is ready at" || true
 echo "$reply" | grep -q 'Paris' || { log "FAIL: no Paris in the reply"; exit 1; }
+log "the image compiled the native CPU decode step (g++ from CPU_TOOLCHAIN)"
+podman logs "$NAME" 2>&1 | grep -m1 "CPU decode: " || true
+podman logs "$NAME" 2>&1 | grep -q "CPU decode: the native step" \
+    || { log "FAIL: the container runs the torch step (see its log for why)"; exit 1; }
 log "structured output in the image (llguidance): a JSON schema reply"
 structured=$(curl -fsS "http://127.0.0.1:$PORT/v1/chat/completions" -H "Content-Type: application/json" \
     -d '{"model": "demo", "temperature": 0, "max_tokens": 48,
