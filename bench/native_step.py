@@ -4,7 +4,7 @@
     python -m bench.native_step --checkpoint DIR --dtype float32 --quant none   # e.g. the demo
 
 Two engines on the same checkpoint: one with `kernels=torch` (the eager step on oneDNN-prepacked
-weights), one with `kernels=native`. Each holds `batch` requests with random 64-token prompts,
+weights), one with `kernels=native`. Each holds `batch` requests with `bench.engine`'s 64-token prompts,
 prefilled, then decoding (`ignore_eos`); rounds alternate between the engines, and each round
 times whole engine steps (schedule, forward, LM head, sampling, outputs). Printed per batch:
 the median step, the ratio, and, for the native step, the bytes the step must read (its weights
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.engine import PROMPT_LEN, prompts
 from bench.profile_step import read_bandwidth, step_read_bytes
 from bench.small_checkpoint import write_small_checkpoint
 from engine.config import EngineConfig
@@ -31,7 +32,6 @@ from engine.sampling_params import SamplingParams
 from model.loader import load_model
 from tokenization.loader import load_prompt_encoder
 
-PROMPT = 64
 ENDLESS = SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True)  # outlasts the timed steps
 
 
@@ -46,11 +46,6 @@ def engine(path: Path, dtype: str, quant: str, kernels: str, batch: int) -> Engi
     )
     model = load_model(path, dtype=dtype, quantization=None if quant == "none" else quant)
     return Engine(model, config, load_prompt_encoder(path), eos_token_id=-1)
-
-
-def prompts(count: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 1000, (PROMPT,), generator=g).tolist() for _ in range(count)]
 
 
 def decoding(e: Engine, batch: int) -> Engine:
@@ -94,7 +89,7 @@ def main() -> None:
     torch.set_num_threads(2)
     path = args.checkpoint or write_small_checkpoint(Path(tempfile.gettempdir()) / "mixtral-small-ckpt")
     print(f"# native vs torch CPU decode step: {path.name}, {args.dtype}, torch {torch.__version__}")
-    print(f"# 2 threads, {PROMPT}-token prompts; {args.rounds} interleaved rounds of {args.steps} steps")
+    print(f"# 2 threads, {PROMPT_LEN}-token prompts; {args.rounds} interleaved rounds of {args.steps} steps")
     bandwidth = read_bandwidth()
     print(f"# read bandwidth (1 GiB sum): {bandwidth / 1e9:.1f} GB/s\n")
     print(
@@ -130,7 +125,7 @@ def main() -> None:
                         rates[k].append(generate_tok_s(fresh[k], r))
                 gt, gn = (statistics.median(rates[k]) for k in ("torch", "native"))
                 generation.append(f"| {label} | {gt:.1f} | {gn:.1f} | {gn / gt:.2f}x |")
-    print(f"\none request through the engine, {PROMPT} tokens in, 64 out, tokens/s:\n")
+    print(f"\none request through the engine, {PROMPT_LEN} tokens in, 64 out, tokens/s:\n")
     print("| weights | torch step | native step | native / torch |\n|---|---:|---:|---:|")
     print("\n".join(generation))
 

@@ -53,13 +53,6 @@ inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(bf16* p, __m512 v) {
-  alignas(64) float f[16];
-  _mm512_store_ps(f, v);
-  for (int i = 0; i < 16; ++i) p[i] = f2bf(f[i]);
-}
-
 inline void put(float* p, float v) { *p = v; }
 inline void put(bf16* p, float v) { *p = f2bf(v); }
 inline float get(const float* p) { return *p; }
@@ -96,7 +89,6 @@ struct ModelDesc {
   const float* final_norm;  // [D]
   const void* embed;        // [V, D]
   const float* rope;        // [P, 2, Dh]: cos, sin per position (rotate-half convention)
-  int64_t max_positions;
 };
 
 struct StepDesc {
@@ -294,12 +286,7 @@ inline void rotate(float* v, const float* cs, int64_t dh) {
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {  // n % 16 == 0
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  return _mm512_reduce_add_ps(acc);
-}
-
+// a [n] fp32 against b [n] in the cache's type; n % 16 == 0.
 template <typename C>
 inline float dot(const float* a, const C* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();

@@ -49,7 +49,6 @@ class _ModelDesc(ctypes.Structure):
         ("final_norm", c_void_p),
         ("embed", c_void_p),
         ("rope", c_void_p),
-        ("max_positions", c_int64),
     ]
 
 
@@ -112,7 +111,6 @@ class NativeDecoder:
     def __init__(self, model: MixtralModel, lib: NativeLibrary, threads: int) -> None:
         config = model.config
         dtype = model.embed_tokens.weight.dtype
-        self._lib = lib
         self._fn = lib.dll.mixtral_decode_step
         self._fn.argtypes = [POINTER(_ModelDesc), POINTER(_StepDesc)]
         self._fn.restype = c_int32
@@ -176,7 +174,6 @@ class NativeDecoder:
             self._f32(model.norm.weight),
             embed,
             rope,
-            model.rotary.max_positions,
         )
         self.hidden_size = config.hidden_size
         self.threads = threads
