@@ -133,7 +133,10 @@ def test_a_reader_that_stops_reading_has_its_request_aborted_at_the_backlog_boun
     """The outputs a caller leaves unread are bounded: past `max_backlog_bytes` the request is
     aborted in the engine (its blocks freed), later outputs are dropped, and the reader, if it
     comes back, gets what was kept and then `SlowConsumerError`."""
-    bound = 5 * OUTPUT_BYTES  # five plain outputs
+    # Fifteen plain outputs: the stalled request's 200 overflow it; the 12 of the request that
+    # follows never can, however far its reader falls behind a fast engine (five could: with the
+    # native CPU step the engine ran more than five steps ahead of this reader in CI runs).
+    bound = 15 * OUTPUT_BYTES
 
     async def main():
         engine = AsyncEngine(lambda: make_engine(hf_dir), max_backlog_bytes=bound)
@@ -158,7 +161,7 @@ def test_a_reader_that_stops_reading_has_its_request_aborted_at_the_backlog_boun
 
     first, freed, held, kept, other, engine = asyncio.run(main())
     assert first.new_token_ids and freed
-    assert held <= bound and len(kept) < 10  # nothing beyond the bound was kept
+    assert held <= bound and len(kept) <= 15  # nothing beyond the bound was kept
     assert len(tokens(other)) == 12 and engine.num_active_requests == 0
 
 
